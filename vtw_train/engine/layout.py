@@ -1,0 +1,74 @@
+"""Index bookkeeping for the text-only stream.
+
+After withdrawal every sample keeps its non-visual, non-padding tokens, at their original
+positions. Samples keep different numbers of them (different image counts, anyres,
+padding), so the text stream is re-padded on the left into a rectangle ``[B, T_text]``:
+left padding is what decoding appends to, and it matches how ``generate()`` pads prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class TextLayout:
+    """Where each text slot comes from in the full stream.
+
+    ``index[b, j]`` is the full-stream position of text slot ``j`` of sample ``b``; padding
+    slots point at position 0 (their values are masked out and never scattered back).
+    ``valid[b, j]`` is False on padding slots.
+    """
+
+    index: torch.Tensor  # [B, T_text] long
+    valid: torch.Tensor  # [B, T_text] bool
+    full_length: int
+
+    @property
+    def length(self) -> int:
+        return self.index.shape[1]
+
+    def gather(self, full: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Gather ``full`` (``[b, T, ...]``) into the text layout for ``rows`` (default: all)."""
+        index = self.index if rows is None else self.index[rows]
+        shape = index.shape + full.shape[2:]
+        expanded = index.view(*index.shape, *([1] * (full.dim() - 2))).expand(shape)
+        return torch.gather(full, 1, expanded)
+
+    def scatter(self, text: torch.Tensor, full: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Write text-layout states of ``rows`` back into a copy of ``full`` at their positions.
+
+        Padding slots are routed to a spare column that is dropped, so they never overwrite a
+        real position. Visual positions of those rows are zeroed: they were withdrawn.
+        """
+        b, t = full.shape[:2]
+        index = torch.where(self.valid[rows], self.index[rows], t)
+        buffer = full.new_zeros((len(rows), t + 1, *full.shape[2:]))
+        expanded = index.view(*index.shape, *([1] * (full.dim() - 2))).expand(text.shape)
+        buffer = buffer.scatter(1, expanded, text)
+        out = full.clone()
+        out[rows] = buffer[:, :t]
+        return out
+
+
+def build_text_layout(visual: torch.Tensor, padding: torch.Tensor | None) -> TextLayout:
+    """Build the left-padded text layout from the visual mask and the 2-D padding mask.
+
+    ``visual``: ``[B, T]`` bool, True at visual positions. ``padding``: ``[B, T]`` with 1 at
+    real tokens, or None for no padding.
+    """
+    batch, length = visual.shape
+    keep = ~visual
+    if padding is not None:
+        keep = keep & padding.bool()
+    counts = keep.sum(dim=1)
+    text_length = int(counts.max().item()) if batch else 0
+    # Stable sort puts kept positions last, in their original order: exactly left padding.
+    order = torch.argsort(keep.to(torch.int8), dim=1, stable=True)
+    index = order[:, length - text_length :] if text_length else order[:, :0]
+    slots = torch.arange(text_length, device=visual.device).unsqueeze(0)
+    valid = slots >= (text_length - counts).unsqueeze(1)
+    index = torch.where(valid, index, torch.zeros_like(index))
+    return TextLayout(index=index, valid=valid, full_length=length)
