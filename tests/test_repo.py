@@ -1,0 +1,79 @@
+"""The repository's promises: README quickstart, CI, shipped configs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def quickstart_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"## Quickstart.*?```bash\n(.*?)```", text, re.S)
+    assert block, "README has no Quickstart bash block"
+    return [line for line in block.group(1).splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_quickstart_has_two_commands_main_job_and_tests():
+    commands = quickstart_commands()
+    assert len(commands) == 2
+    assert "configs/tiny.yaml" in commands[0]
+    assert "pytest" in commands[1]
+    for command in commands:
+        assert "pip install -c constraints.txt" in command
+
+
+def test_ci_runs_the_readme_test_command():
+    test_command = quickstart_commands()[1].split("&&")[-1].strip()
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert test_command in [line.strip() for line in ci]
+    assert any("constraints.txt" in line for line in ci)
+
+
+def test_constraints_pin_the_tested_stack():
+    pins = dict(
+        line.split("==", 1) for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line
+    )
+    assert pins["torch"] == "2.13.0"
+    assert pins["transformers"] == "5.23.0"
+    assert pins["peft"] == "0.21.2"
+    assert pins["lightning"] == "2.6.6"
+
+
+SCRIPT_CONFIGS = {
+    "tiny.yaml": "vtw_train.cli.calibrate:CalibrateRun",
+    "benchmark.yaml": "vtw_train.cli.benchmark:BenchmarkRun",
+}
+
+
+def _config_class(spec: str):
+    import importlib
+
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_parses(path: Path):
+    from vtw_train.cli.config import parse_config
+
+    spec = SCRIPT_CONFIGS.get(path.name)
+    if spec is None:
+        pytest.fail(f"configs/{path.name} has no parser registered in tests/test_repo.py::SCRIPT_CONFIGS")
+    cls = _config_class(spec)
+    parsed = parse_config(cls, ["--config", str(path)], "test", "")
+    assert isinstance(parsed, cls)
+
+
+def test_config_typo_names_the_key(tmp_path, capsys):
+    from vtw_train.cli.calibrate import CalibrateRun
+    from vtw_train.cli.config import parse_config
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("calibration:\n  treshold: 0.1\n")
+    with pytest.raises(SystemExit):
+        parse_config(CalibrateRun, ["--config", str(bad)], "calibrate.py", "")
+    assert "treshold" in capsys.readouterr().err

@@ -1,0 +1,121 @@
+"""``scripts/calibrate.py``: pick the fixed exit layer K by the KL criterion and write the record."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from ..calibrate import CalibrationConfig, CalibrationRecord, calibrate, kl_per_sample
+from ..engine import attach
+from ..models import ModelSpec, load_model
+from ..timing import interleaved_medians
+from .config import parse_config
+
+
+@dataclass
+class CalibrationData:
+    """Calibration samples.
+
+    source: ``random`` (random prompts for a tiny random model: a smoke test of the
+        machinery, not a meaningful K) or ``llava_json`` (a LLaVA-format JSON/JSONL file read
+        through the model's processor).
+    """
+
+    source: Literal["random", "llava_json"] = "random"
+    path: str | None = None
+    image_root: str | None = None
+    batch_size: int = 4
+    seed: int = 0
+
+
+@dataclass
+class CalibrateRun:
+    model: ModelSpec = field(default_factory=lambda: ModelSpec(tiny_family="llava"))
+    data: CalibrationData = field(default_factory=CalibrationData)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    output: str = "outputs/calibration/vtw_calibration.json"
+    benchmark_repeats: int = 5
+
+
+def calibration_batches(
+    data: CalibrationData, model: Any, processor: Any, num_samples: int, metric: str
+) -> Iterator[dict[str, torch.Tensor]]:
+    if data.source == "random":
+        from ..tiny_models import tiny_inputs
+
+        for i in range(math.ceil(num_samples / data.batch_size)):
+            size = min(data.batch_size, num_samples - i * data.batch_size)
+            yield tiny_inputs(model, batch_size=size, seed=data.seed + i)
+        return
+    if data.path is None:
+        raise ValueError("data.path is required when data.source is 'llava_json'.")
+    if processor is None:
+        raise ValueError(
+            "data.source 'llava_json' needs a model with a processor (model.path), not a tiny random model."
+        )
+    from ..data import llava_calibration_batches
+
+    yield from llava_calibration_batches(
+        data.path,
+        processor,
+        num_samples=num_samples,
+        batch_size=data.batch_size,
+        with_answers=metric == "answer_mean",
+        image_root=data.image_root,
+    )
+
+
+def measure_cost(
+    model: Any, batch: dict[str, torch.Tensor], candidates: list[int], metric: str, repeats: int
+) -> dict[str, float]:
+    """Seconds of the all-K sweep and of one plain forward on the same batch, interleaved."""
+    plain = {k: v for k, v in batch.items() if k != "labels"}
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(**plain, use_cache=False)
+
+    def sweep() -> None:
+        kl_per_sample(model, batch, candidates, metric)
+
+    return interleaved_medians({"forward": forward, "sweep": sweep}, repeats=repeats)
+
+
+def format_curve(record: CalibrationRecord) -> str:
+    lines = ["  K   mean KL     <= eta"]
+    for k, kl in sorted(record.kl_curve.items()):
+        mark = "yes" if kl <= record.threshold else "no"
+        chosen = "  <- K" if k == record.exit_layer else ""
+        lines.append(f"{k:3d}   {kl:9.5f}   {mark}{chosen}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> CalibrationRecord:
+    run = parse_config(CalibrateRun, argv, "calibrate.py", __doc__ or "")
+    torch.manual_seed(run.model.seed)
+    model, processor = load_model(run.model)
+    controller = attach(model)
+    cfg = run.calibration
+    batches = list(calibration_batches(run.data, model, processor, cfg.num_samples, cfg.metric))
+    record = calibrate(model, batches, cfg)
+    path = record.save(run.output)
+    candidates = record.candidate_layers
+    times = measure_cost(model, batches[0], candidates, cfg.metric, run.benchmark_repeats)
+    ratio = times["sweep"] / times["forward"]
+    print(
+        f"model: {type(model).__name__}, {controller.num_layers} decoder layers; {record.num_samples} samples"
+    )
+    print(f"KL(P_K || P_full) at {cfg.metric}, threshold eta = {cfg.threshold}:")
+    print(format_curve(record))
+    print(f"calibrated exit layer K = {record.exit_layer} of {controller.num_layers}")
+    print(
+        f"cost: all {len(candidates)} candidate K in one shared-prefix pass = {ratio:.2f}x one plain forward "
+        f"(medians of {run.benchmark_repeats} interleaved runs: {times['sweep'] * 1e3:.1f} ms vs "
+        f"{times['forward'] * 1e3:.1f} ms per batch of {batches[0]['input_ids'].shape[0]})"
+    )
+    print(f"record written to {path}")
+    return record

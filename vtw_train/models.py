@@ -1,0 +1,75 @@
+"""Loading the model a script works on: a saved Hugging Face directory, the embedded toy, or a tiny random one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+DTypeName = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclass
+class ModelSpec:
+    """Which model to load.
+
+    path: a directory saved with ``save_pretrained`` (loaded with AutoModelForImageTextToText
+        and AutoProcessor), or ``toy`` for the embedded default model shipped with vtw-train.
+    tiny_family: instead of ``path``, build a tiny random model of this family
+        (llava, llava-mistral, llava-qwen2, llava_next, qwen2_vl, qwen2_5_vl); no processor.
+    num_layers / hidden_size: sizes of the tiny random model.
+    """
+
+    path: str | None = None
+    tiny_family: str | None = None
+    num_layers: int = 8
+    hidden_size: int = 64
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    dtype: DTypeName = "float32"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.tiny_family is None):
+            raise ValueError(
+                "model: set exactly one of 'path' (a saved model dir or 'toy') and 'tiny_family'."
+            )
+
+
+def resolve_model_path(path: str) -> Path:
+    if path == "toy":
+        from .toy import toy_vlm_path
+
+        return toy_vlm_path()
+    resolved = Path(path).expanduser()
+    if not (resolved / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model.path={path!r}: no config.json there. Give a directory written by save_pretrained, or 'toy'."
+        )
+    return resolved
+
+
+def load_model(spec: ModelSpec) -> tuple[nn.Module, Any | None]:
+    """Return ``(model, processor)`` in eval mode; the processor is None for tiny random models."""
+    dtype = getattr(torch, spec.dtype)
+    if spec.tiny_family is not None:
+        from .tiny_models import tiny_model
+
+        model = tiny_model(
+            spec.tiny_family,
+            num_layers=spec.num_layers,
+            attn_implementation=spec.attn_implementation,
+            seed=spec.seed,
+            **({"hidden_size": spec.hidden_size} if spec.tiny_family.startswith("llava") else {}),
+        )
+        return model.to(dtype).eval(), None
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = resolve_model_path(spec.path)
+    model = AutoModelForImageTextToText.from_pretrained(
+        path, dtype=dtype, attn_implementation=spec.attn_implementation
+    )
+    processor = AutoProcessor.from_pretrained(path)
+    return model.eval(), processor
