@@ -10,12 +10,27 @@ text-only layers only (cheap, since visual tokens dominate the prompt).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from transformers.masking_utils import create_causal_mask
 
 from .controller import attach
 from .layout import build_text_layout
+
+
+@dataclass
+class SweepResult:
+    """Final-normed states at the target positions per exit K, plus what the gate reads.
+
+    ``states[K]``: ``[B, P, D]`` for each candidate K and for ``num_layers`` (the full model).
+    ``layer_outputs[l]``: ``[B, T, D]`` full-stream output of layer l (input of layer l + 1),
+    kept only when asked for; the learned gate reads its features from these.
+    """
+
+    states: dict[int, torch.Tensor]
+    layer_outputs: list[torch.Tensor] = field(default_factory=list)
+    visual: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -31,6 +46,17 @@ def exit_sweep(
     states are wanted, e.g. the last prompt token. Returns ``{K: [B, P, D]}`` for every K in
     ``candidates`` plus ``num_layers`` (the full model).
     """
+    return run_sweep(model, inputs, candidates, target_positions).states
+
+
+def run_sweep(
+    model: torch.nn.Module,
+    inputs: dict[str, torch.Tensor],
+    candidates: Sequence[int],
+    target_positions: torch.Tensor,
+    keep_layer_outputs: bool = False,
+) -> SweepResult:
+    """:func:`exit_sweep` with autograd left as the caller has it (training uses this)."""
     controller = attach(model)
     lm = controller.language_model
     num_layers = controller.num_layers
@@ -42,13 +68,18 @@ def exit_sweep(
         if "pe" not in rope:
             rope["pe"] = kwargs["position_embeddings"]
 
+    last_output: dict[str, torch.Tensor] = {}
+
+    def capture_last(module, args, kwargs, output):
+        last_output["h"] = output[0] if isinstance(output, tuple) else output
+
     hooks = [layer.register_forward_pre_hook(capture, with_kwargs=True) for layer in lm.layers]
+    hooks.append(lm.layers[-1].register_forward_hook(capture_last, with_kwargs=True))
     try:
         with controller.exiting_at(None):
             visual = controller._visual_mask(inputs.get("input_ids"), None)
-            full_hidden = model.model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False)[
-                0
-            ]
+            inputs = {k: v for k, v in inputs.items() if k != "labels"}
+            full_hidden = controller.wrapper(**inputs, use_cache=False)[0]
     finally:
         for hook in hooks:
             hook.remove()
@@ -98,7 +129,8 @@ def exit_sweep(
         normed = lm.norm(tails)
         for i, k in enumerate(started):
             results[k] = _at(normed[i * batch : (i + 1) * batch], target_slots)
-    return results
+    outputs = (layer_inputs[1:] + [last_output["h"]]) if keep_layer_outputs else []
+    return SweepResult(states=results, layer_outputs=outputs, visual=visual)
 
 
 def _at(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

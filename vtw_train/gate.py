@@ -1,0 +1,180 @@
+"""The learned exit gate (DyVTE-style, one small module shared by all layers).
+
+At a candidate layer l the gate reads what the text tokens know at that point (the mean of
+the prompt's text after the image, and the last prompt token) and answers the probability
+that withdrawing the visual tokens after layer l is safe for this input. DyVTE trains one
+~21M-parameter router per layer (~0.5B in total at 7B); one router shared across layers,
+told where it is by a layer embedding, sees every layer's examples at every step and costs a
+few hundred thousand parameters for a 7B model (METHODS.md §3.5).
+
+Features are detached: the gate reads the representation, it does not shape it (the
+distillation loss on the LoRA adapters does that).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+Policy = Literal["gate", "fixed", "gate_capped"]
+
+
+@dataclass
+class GateConfig:
+    """Architecture and decision rule of the gate.
+
+    width: hidden width of the router MLP (METHODS.md §3.5: <= 256).
+    tau: exit when p_exit >= tau. DyVTE's rule is tau = 0.5, min_layer = 0.
+    min_layer: first layer after which the gate may fire (exit layer K = l + 1 >= min_layer + 1).
+    policy: ``gate`` (the gate decides, full model when it never fires), ``fixed`` (the
+        calibrated K, gate unused) or ``gate_capped`` (the gate, but never later than the
+        calibrated K).
+    """
+
+    hidden_size: int
+    num_layers: int
+    width: int = 128
+    tau: float = 0.5
+    min_layer: int = 1
+    policy: Policy = "gate"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.tau <= 1.0:
+            raise ValueError(f"gate tau must be in (0, 1], got {self.tau}.")
+        if not 0 <= self.min_layer < self.num_layers:
+            raise ValueError(f"gate min_layer must be in [0, {self.num_layers - 1}], got {self.min_layer}.")
+        if self.policy not in ("gate", "fixed", "gate_capped"):
+            raise ValueError(f"gate policy must be 'gate', 'fixed' or 'gate_capped', got {self.policy!r}.")
+        if self.width < 1:
+            raise ValueError(f"gate width must be >= 1, got {self.width}.")
+
+    @property
+    def candidate_layers(self) -> list[int]:
+        """Layers after which the gate is asked (exiting after the last layer saves nothing)."""
+        return list(range(self.min_layer, self.num_layers - 1))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> GateConfig:
+        data = json.loads(Path(path).read_text())
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"{path}: unknown gate config keys {sorted(unknown)}.")
+        return cls(**data)
+
+
+class ExitGate(nn.Module):
+    """``p_exit`` for (text features after layer l, l)."""
+
+    def __init__(self, config: GateConfig) -> None:
+        super().__init__()
+        self.config = config
+        features = 2 * config.hidden_size
+        self.norm = nn.LayerNorm(features)
+        self.project = nn.Linear(features, config.width)
+        self.layer_embedding = nn.Embedding(config.num_layers, config.width)
+        self.head = nn.Sequential(nn.GELU(), nn.Linear(config.width, 1))
+        nn.init.zeros_(self.layer_embedding.weight)
+
+    def forward(self, features: torch.Tensor, layer: torch.Tensor | int) -> torch.Tensor:
+        """Exit logits ``[N]`` for features ``[N, 2 * hidden]`` at layer(s) ``layer``."""
+        if isinstance(layer, int):
+            layer = torch.full(features.shape[:1], layer, dtype=torch.long, device=features.device)
+        x = self.project(self.norm(features.to(self.norm.weight.dtype)))
+        x = x + self.layer_embedding(layer)
+        return self.head(x).squeeze(-1)
+
+
+def text_feature_masks(
+    visual: torch.Tensor, padding: torch.Tensor | None, prompt_end: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the gate reads: the prompt's text after the last visual token, and the last prompt token.
+
+    ``prompt_end[b]`` is one past the last prompt position (answers in teacher-forced training
+    come after it and must not leak into a causal decision); by default the last real token.
+    Returns ``(mean_mask [B, T] bool, last_index [B] long)``. When no text sits between the
+    image and the last prompt token, the mean falls back to the last token alone.
+    """
+    batch, length = visual.shape
+    positions = torch.arange(length, device=visual.device).expand(batch, -1)
+    real = torch.ones_like(visual) if padding is None else padding.bool()
+    if prompt_end is None:
+        last = torch.where(real, positions, -1).max(dim=1).values
+    else:
+        last = prompt_end.to(visual.device) - 1
+    last_visual = torch.where(visual, positions, -1).max(dim=1).values
+    mean_mask = real & ~visual & (positions > last_visual.unsqueeze(1)) & (positions < last.unsqueeze(1))
+    empty = ~mean_mask.any(dim=1)
+    mean_mask = mean_mask | (empty.unsqueeze(1) & (positions == last.unsqueeze(1)))
+    return mean_mask, last
+
+
+def gate_features(hidden: torch.Tensor, mean_mask: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """``[B, 2D]`` = [mean of the text states under ``mean_mask`` ; state of the last prompt token]."""
+    hidden = hidden.detach()
+    weights = mean_mask.to(hidden.dtype).unsqueeze(-1)
+    mean = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+    last_state = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    return torch.cat([mean, last_state], dim=-1)
+
+
+class GateExitRule:
+    """Adapter from the gate to the engine's ``dynamic_exit`` hook (inference).
+
+    Called after each layer for the samples still reading visual tokens; fires for those whose
+    ``p_exit >= tau`` once ``layer >= min_layer``. Decisions use only states that exist at that
+    layer, so they are causal.
+    """
+
+    def __init__(self, gate: ExitGate) -> None:
+        self.gate = gate
+        self.last_probabilities: dict[int, torch.Tensor] = {}
+
+    def __call__(self, layer, hidden, rows, visual, padding):
+        cfg = self.gate.config
+        if layer < cfg.min_layer or layer >= cfg.num_layers - 1:
+            return None
+        mean_mask, last = text_feature_masks(visual[rows], None if padding is None else padding[rows])
+        with torch.no_grad():
+            p = torch.sigmoid(self.gate(gate_features(hidden, mean_mask, last), layer))
+        self.last_probabilities[layer] = p.detach()
+        return p >= cfg.tau
+
+
+def gate_parameter_share(gate: ExitGate, model: nn.Module) -> float:
+    """The gate's parameters as a fraction of the language model's."""
+    from .engine import attach
+
+    lm = attach(model).language_model
+    return sum(p.numel() for p in gate.parameters()) / sum(p.numel() for p in lm.parameters())
+
+
+def apply_policy(
+    model: nn.Module, gate: ExitGate | None, policy: Policy, fixed_exit_layer: int | None
+) -> None:
+    """Point the engine at the gate, the calibrated K, or both (gate capped at K).
+
+    Without a gate (or with policy ``fixed``) the calibrated fixed K is the fallback; with no
+    calibrated K either, the full model runs.
+    """
+    from .engine import attach
+
+    controller = attach(model)
+    if policy == "fixed" or gate is None:
+        controller.dynamic_exit = None
+        controller.exit_layer = fixed_exit_layer
+    elif policy == "gate":
+        controller.dynamic_exit = GateExitRule(gate)
+        controller.exit_layer = None
+    elif policy == "gate_capped":
+        controller.dynamic_exit = GateExitRule(gate)
+        controller.exit_layer = fixed_exit_layer
+    else:
+        raise ValueError(f"Unknown exit policy {policy!r}; use 'gate', 'fixed' or 'gate_capped'.")
