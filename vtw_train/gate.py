@@ -133,8 +133,9 @@ class GateExitRule:
     layer, so they are causal.
     """
 
-    def __init__(self, gate: ExitGate) -> None:
+    def __init__(self, gate: ExitGate, tau: float | None = None) -> None:
         self.gate = gate
+        self.tau = gate.config.tau if tau is None else tau
         self.last_probabilities: dict[int, torch.Tensor] = {}
 
     def __call__(self, layer, hidden, rows, visual, padding):
@@ -145,7 +146,7 @@ class GateExitRule:
         with torch.no_grad():
             p = torch.sigmoid(self.gate(gate_features(hidden, mean_mask, last), layer))
         self.last_probabilities[layer] = p.detach()
-        return p >= cfg.tau
+        return p >= self.tau
 
 
 def gate_parameter_share(gate: ExitGate, model: nn.Module) -> float:

@@ -1,0 +1,214 @@
+"""``scripts/train_gate.py --config cfg.yaml``: the main job.
+
+1. calibrate the fixed exit layer K on the base model (unless a calibration record is given);
+2. train the LoRA adapters and the exit gate (LightningCLI: model, data and trainer sections);
+3. evaluate the full model, fixed-K VTW and the gate side by side (exact match, FLOPs);
+4. export a gated checkpoint (adapters + gate + calibration + manifest).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.cli import LightningCLI
+
+from ..calibrate import CalibrationConfig, CalibrationRecord, calibrate
+from ..data.collate import VLMCollator
+from ..data.datamodule import VLMDataModule
+from ..engine import attach
+from ..evaluation import compare_policies, format_results
+from ..lit.module import GateDistillModule
+from ..lit.wandb import make_wandb_logger
+from ..models import resolve_model_path
+
+
+@dataclass
+class RunOptions:
+    """What happens around ``fit``.
+
+    calibration: an existing calibration record (JSON) to use instead of calibrating.
+    calibration_metric / calibration_threshold / calibration_samples: the KL criterion.
+    eval_samples: validation records used for the exact-match comparison (0 skips it).
+    eval_taus: gate thresholds to evaluate (empty: the module's gate_tau).
+    resume: a Lightning checkpoint to resume training from.
+    """
+
+    output_dir: str = "outputs/run"
+    calibration: str | None = None
+    calibration_metric: Literal["first_token", "answer_mean"] = "answer_mean"
+    calibration_threshold: float = 0.01
+    calibration_samples: int = 20
+    eval_samples: int = 200
+    eval_batch_size: int = 32
+    eval_taus: list[float] = field(default_factory=list)
+    export: bool = True
+    wandb: bool = True
+    wandb_project: str = "vtw-train"
+    run_name: str | None = None
+    resume: str | None = None
+
+
+def processor_dir(model_path: str) -> str:
+    return str(resolve_model_path(model_path))
+
+
+class GateCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_class_arguments(RunOptions, "run")
+        parser.link_arguments("model.model_path", "data.processor", compute_fn=processor_dir)
+
+
+def calibration_batches(module: GateDistillModule, datamodule: VLMDataModule, options: RunOptions):
+    datamodule.setup("validate")
+    records = [
+        datamodule.val_set[i] for i in range(min(options.calibration_samples, len(datamodule.val_set)))
+    ]
+    collate = VLMCollator(datamodule.processor, mode="train")
+    size = datamodule.batch_size
+    for start in range(0, len(records), size):
+        batch = collate(records[start : start + size])
+        yield {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+def calibrate_base(
+    module: GateDistillModule, datamodule: VLMDataModule, options: RunOptions
+) -> CalibrationRecord:
+    """K for the base model (adapters off), as training-free VTW would use it."""
+    model = module.model
+    config = CalibrationConfig(
+        threshold=options.calibration_threshold,
+        num_samples=options.calibration_samples,
+        metric=options.calibration_metric,
+    )
+    with model.disable_adapter():
+        return calibrate(model, calibration_batches(module, datamodule, options), config)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    cli = GateCLI(
+        GateDistillModule,
+        VLMDataModule,
+        run=False,
+        args=None if argv is None else list(argv),
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=0,
+    )
+    options: RunOptions = cli.config_init["run"]
+    if isinstance(options, dict):
+        options = RunOptions(**options)
+    module: GateDistillModule = cli.model
+    datamodule: VLMDataModule = cli.datamodule
+    trainer = cli.trainer
+    out_dir = Path(options.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    logger = make_wandb_logger(options.wandb_project, options.run_name, out_dir) if options.wandb else None
+    if logger is not None:
+        trainer.loggers = [logger]
+        logger.log_hyperparams(cli.config.as_dict())
+
+    module.configure_model()
+    if options.calibration:
+        record = CalibrationRecord.load(options.calibration, model=module.model)
+    else:
+        print(f"calibrating the fixed exit layer on {options.calibration_samples} validation samples ...")
+        record = calibrate_base(module, datamodule, options)
+    record.save(out_dir / "vtw_calibration.json")
+    module.hparams.fixed_exit_layer = record.exit_layer
+    print(
+        f"calibrated K = {record.exit_layer} (KL curve: "
+        + ", ".join(f"{k}:{v:.4f}" for k, v in sorted(record.kl_curve.items()))
+        + ")"
+    )
+    if logger is not None:
+        _log_calibration(logger, record)
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=options.resume)
+
+    summary: dict[str, Any] = {"calibrated_exit_layer": record.exit_layer}
+    if not trainer.is_global_zero:
+        return summary
+    if options.eval_samples > 0:
+        datamodule.setup("validate")
+        records = [datamodule.val_set[i] for i in range(min(options.eval_samples, len(datamodule.val_set)))]
+        print(f"evaluating full model, fixed-K VTW and the gate on {len(records)} validation samples ...")
+        results = compare_policies(
+            module.model,
+            datamodule.processor,
+            records,
+            module.gate,
+            record.exit_layer,
+            taus=options.eval_taus,
+            batch_size=options.eval_batch_size,
+        )
+        table = format_results(results)
+        print(table)
+        summary["results"] = [{k: v for k, v in asdict(r).items() if k != "predictions"} for r in results]
+        (out_dir / "evaluation.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if logger is not None:
+            _log_results(logger, results, records)
+    if options.export:
+        from ..checkpoint import export_gated_checkpoint
+
+        path = export_gated_checkpoint(
+            out_dir / "gated",
+            module.model,
+            module.gate,
+            record,
+            base_model_name_or_path=module.hparams.model_path,
+            overwrite=True,
+        )
+        summary["checkpoint"] = str(path)
+        print(f"gated checkpoint written to {path}")
+    attach(module.model)
+    return summary
+
+
+def _log_calibration(logger: Any, record: CalibrationRecord) -> None:
+    import wandb
+
+    data = [[k, v] for k, v in sorted(record.kl_curve.items())]
+    table = wandb.Table(data=data, columns=["exit_layer", "mean_kl"])
+    logger.experiment.log(
+        {
+            "calibration/kl_curve": wandb.plot.line(
+                table, "exit_layer", "mean_kl", title="KL(P_K || P_full) by exit layer"
+            ),
+            "calibration/exit_layer": record.exit_layer,
+        }
+    )
+
+
+def _log_results(logger: Any, results, records) -> None:
+    import wandb
+
+    rows = [[r.name, r.accuracy, r.flops_ratio, r.mean_exit_layer] for r in results]
+    logger.experiment.log(
+        {
+            "eval/policies": wandb.Table(
+                data=rows, columns=["policy", "accuracy", "flops_ratio", "mean_exit_layer"]
+            )
+        }
+    )
+    gate = [r for r in results if r.name.startswith("gate")]
+    if gate:
+        hist = [[k] * n for k, n in gate[0].exit_histogram.items()]
+        logger.experiment.log({"eval/gate_exit_layers": wandb.Histogram([k for h in hist for k in h])})
+    full = results[0]
+    sample_rows = []
+    for i, record in enumerate(records[:20]):
+        sample_rows.append(
+            [
+                record.id,
+                record.turns[0].text if record.turns else "",
+                record.answer,
+                full.predictions[i],
+                *(r.predictions[i] for r in results[1:]),
+            ]
+        )
+    columns = ["id", "question", "answer", full.name, *(r.name for r in results[1:])]
+    logger.experiment.log({"eval/sample_answers": wandb.Table(data=sample_rows, columns=columns)})

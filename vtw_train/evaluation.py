@@ -1,0 +1,152 @@
+"""Accuracy and compute of exit policies, measured side by side on the same records.
+
+The comparison the project is judged on: the full model, training-free VTW at the calibrated
+K, and the learned gate (at one or more thresholds), each with exact-match accuracy and the
+language-model FLOPs it spent per sample.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data.exact_match import evaluate_exact_match
+from .data.records import VQARecord
+from .distill import sample_flops_ratios
+from .engine import attach
+from .gate import ExitGate, GateExitRule
+
+
+@dataclass
+class PolicyResult:
+    name: str
+    accuracy: float
+    per_type: dict[str, float]
+    flops_ratio: float
+    mean_exit_layer: float
+    exit_histogram: dict[int, int] = field(default_factory=dict)
+    predictions: list[str] = field(default_factory=list)
+
+
+class _RecordingModel:
+    """Wraps ``generate`` to record, per sample, the exit layer and the FLOPs it implied."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.controller = attach(model)
+        self.exits: list[int] = []
+        self.ratios: list[float] = []
+
+    def eval(self) -> _RecordingModel:
+        self.model.eval()
+        return self
+
+    def generate(self, **kwargs: Any) -> torch.Tensor:
+        self.controller.last_exit_layers = None
+        out = self.model.generate(**kwargs)
+        ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
+        num_layers = self.controller.num_layers
+        exits = self.controller.last_exit_layers
+        if exits is None:
+            exits = torch.full((ids.shape[0],), num_layers, dtype=torch.long)
+        visual = torch.isin(ids, torch.tensor(self.controller.visual_token_ids, device=ids.device))
+        config = self.controller.language_model.config
+        for row, k in enumerate(exits.tolist()):
+            ratio = sample_flops_ratios(
+                config, visual[row : row + 1], None if mask is None else mask[row : row + 1], [int(k)]
+            )
+            self.exits.append(int(k))
+            self.ratios.append(float(ratio))
+        return out
+
+
+def evaluate_policy(
+    name: str,
+    model: nn.Module,
+    processor: Any,
+    records: Sequence[VQARecord],
+    batch_size: int = 32,
+    max_new_tokens: int = 8,
+) -> PolicyResult:
+    """Exact match and FLOPs of whatever exit policy ``model``'s controller is set to."""
+    recorder = _RecordingModel(model)
+    result = evaluate_exact_match(
+        recorder, processor, records, batch_size=batch_size, max_new_tokens=max_new_tokens
+    )
+    n = max(1, len(recorder.exits))
+    return PolicyResult(
+        name=name,
+        accuracy=result.overall,
+        per_type=result.per_type,
+        flops_ratio=sum(recorder.ratios) / n,
+        mean_exit_layer=sum(recorder.exits) / n,
+        exit_histogram=dict(sorted(Counter(recorder.exits).items())),
+        predictions=result.predictions,
+    )
+
+
+def compare_policies(
+    model: nn.Module,
+    processor: Any,
+    records: Sequence[VQARecord],
+    gate: ExitGate | None,
+    fixed_exit_layer: int | None,
+    taus: Sequence[float] = (),
+    batch_size: int = 32,
+    max_new_tokens: int = 8,
+) -> list[PolicyResult]:
+    """Full model and fixed-K VTW on the base weights (adapters off); the gate with the adapters on."""
+    controller = attach(model)
+    disable = getattr(model, "disable_adapter", None)
+    saved = (controller.exit_layer, controller.dynamic_exit)
+    results = []
+    try:
+        controller.dynamic_exit = None
+        with disable() if callable(disable) else nullcontext():
+            controller.exit_layer = None
+            results.append(
+                evaluate_policy("full model", model, processor, records, batch_size, max_new_tokens)
+            )
+            if fixed_exit_layer is not None:
+                controller.exit_layer = fixed_exit_layer
+                results.append(
+                    evaluate_policy(
+                        f"VTW fixed K={fixed_exit_layer}",
+                        model,
+                        processor,
+                        records,
+                        batch_size,
+                        max_new_tokens,
+                    )
+                )
+        if gate is not None:
+            controller.exit_layer = None
+            for tau in taus or [gate.config.tau]:
+                rule = GateExitRule(gate, tau=tau)
+                controller.dynamic_exit = rule
+                results.append(
+                    evaluate_policy(
+                        f"gate tau={tau:g}", model, processor, records, batch_size, max_new_tokens
+                    )
+                )
+    finally:
+        controller.exit_layer, controller.dynamic_exit = saved
+    return results
+
+
+def format_results(results: Sequence[PolicyResult]) -> str:
+    types = sorted({t for r in results for t in r.per_type})
+    header = f"{'policy':<22}{'accuracy':>9}{'FLOPs':>8}{'mean K':>8}  " + "  ".join(
+        f"{t[:9]:>9}" for t in types
+    )
+    lines = [header]
+    for r in results:
+        per = "  ".join(f"{r.per_type.get(t, float('nan')):>9.3f}" for t in types)
+        lines.append(f"{r.name:<22}{r.accuracy:>9.3f}{r.flops_ratio:>8.3f}{r.mean_exit_layer:>8.2f}  {per}")
+    return "\n".join(lines)
