@@ -61,6 +61,8 @@ class GateCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_class_arguments(RunOptions, "run")
         parser.link_arguments("model.model_path", "data.processor", compute_fn=processor_dir)
+        # Lightning writes config.yaml, logs and checkpoints under default_root_dir: keep them in the run's folder.
+        parser.link_arguments("run.output_dir", "trainer.default_root_dir")
 
 
 def calibration_batches(module: GateDistillModule, datamodule: VLMDataModule, options: RunOptions):
