@@ -146,7 +146,7 @@ def test_calibrate_script_writes_record(tmp_path, capsys):
     record = main(
         [
             "--config",
-            "configs/tiny.yaml",
+            "configs/calibrate_tiny.yaml",
             "--calibration.num_samples",
             "4",
             "--benchmark_repeats",

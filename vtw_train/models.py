@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -38,17 +39,28 @@ class ModelSpec:
             )
 
 
-def resolve_model_path(path: str) -> Path:
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model_path(path: str) -> Path | str:
+    """A local model directory, ``toy`` (the embedded default), or a Hugging Face hub id.
+
+    Hub ids (``org/name`` that is not a local path) are passed through to ``from_pretrained``,
+    which downloads them where a hub is reachable; local directories must hold a config.json.
+    """
     if path == "toy":
         from .toy import toy_vlm_path
 
         return toy_vlm_path()
     resolved = Path(path).expanduser()
-    if not (resolved / "config.json").is_file():
-        raise FileNotFoundError(
-            f"model.path={path!r}: no config.json there. Give a directory written by save_pretrained, or 'toy'."
-        )
-    return resolved
+    if (resolved / "config.json").is_file():
+        return resolved
+    if not resolved.exists() and _HUB_ID.match(path):
+        return path
+    raise FileNotFoundError(
+        f"model path {path!r}: no config.json there. Give a directory written by save_pretrained, a hub id "
+        "(org/name), or 'toy' for the embedded default."
+    )
 
 
 def load_model(spec: ModelSpec) -> tuple[nn.Module, Any | None]:
