@@ -7,6 +7,7 @@ cache carries the decision of its prefill through every decode step.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -46,6 +47,7 @@ class ExitController:
         self.last_exit_layers: torch.Tensor | None = None
         self._hooks: list[Any] = []
         self._installed = False
+        self._generate_depth = 0
 
     # ------------------------------------------------------------------ public
     @property
@@ -85,6 +87,8 @@ class ExitController:
         self._hooks.clear()
         if "forward" in self.language_model.__dict__:
             del self.language_model.forward
+        if "generate" in self.model.__dict__:
+            del self.model.generate
         if getattr(self.model, _ATTR, None) is self:
             delattr(self.model, _ATTR)
         self._installed = False
@@ -115,14 +119,16 @@ class ExitController:
                 torch.uint8,
             ):
                 raise WithdrawalError(
-                    f"A per-sample exit_layer must be a 1-D integer tensor [batch]; got dtype {value.dtype} and "
-                    f"shape {tuple(value.shape)}."
+                    f"A per-sample exit_layer must be a 1-D integer tensor [batch] with values in {valid} "
+                    f"(valid exit layers are {valid}); got dtype {value.dtype} and shape {tuple(value.shape)}."
                 )
             if value.numel() and (int(value.min()) < 0 or int(value.max()) > self.num_layers):
                 raise WithdrawalError(
                     f"exit_layer values {value.tolist()} are out of range: valid exit layers are {valid}."
                 )
-            return value.detach().long()
+            return (
+                value.detach().long().clone()
+            )  # a copy: later edits to the caller's tensor must not bypass checks
         raise WithdrawalError(
             f"exit_layer must be None, an int in {valid} or a LongTensor [batch]; got {type(value).__name__}."
         )
@@ -137,8 +143,10 @@ class ExitController:
             return torch.full((batch,), value, dtype=torch.long, device=device)
         if value.numel() == batch:
             return value.to(device)
-        if value.numel() and batch % value.numel() == 0:
-            # generate() expands each prompt to num_beams / num_return_sequences rows, interleaved.
+        if value.numel() == 1:  # one K for everyone, like an int
+            return value.to(device).expand(batch).clone()
+        if self._generate_depth and value.numel() and batch % value.numel() == 0:
+            # generate() expands each prompt to num_beams x num_return_sequences rows, interleaved.
             return value.to(device).repeat_interleave(batch // value.numel())
         raise WithdrawalError(
             f"exit_layer has {value.numel()} entries but the batch has {batch} samples; give one K per sample."
@@ -172,10 +180,28 @@ class ExitController:
     def _wrapper_post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         self._pending_visual = None
 
+    def _wrap_generate(self, generate: Callable) -> Callable:
+        """Mark calls inside ``generate()``, the one place where a per-prompt K may be expanded.
+
+        generate() repeats each prompt num_beams x num_return_sequences times before the first
+        forward; outside it, a K tensor whose length differs from the batch is a mistake.
+        """
+
+        @functools.wraps(generate)
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            self._generate_depth += 1
+            try:
+                return generate(*args, **kwargs)
+            finally:
+                self._generate_depth -= 1
+
+        return wrapped
+
     def _install(self) -> None:
         lm = self.language_model
         original = lm.forward  # bound stock forward, decorators included
         lm.forward = WithdrawalForward(self, lm, original)
+        self.model.generate = self._wrap_generate(self.model.generate)
         self._hooks.append(self.wrapper.register_forward_pre_hook(self._wrapper_pre_hook, with_kwargs=True))
         self._hooks.append(self.wrapper.register_forward_hook(self._wrapper_post_hook, with_kwargs=True))
         setattr(self.model, _ATTR, self)

@@ -61,12 +61,30 @@ def _expand_batch(tensor: torch.Tensor, batch: int) -> torch.Tensor:
 
 def _scatter_kv(text_kv: torch.Tensor, layout: TextLayout, rows: torch.Tensor) -> torch.Tensor:
     """Place text-layout keys/values ``[n, H, T_text, d]`` at their full-stream slots (zeros elsewhere)."""
-    n, heads, _, dim = text_kv.shape
+    n, heads, width, dim = text_kv.shape
     t = layout.full_length
-    index = torch.where(layout.valid[rows], layout.index[rows], t)
+    index, valid = layout.rows_index(rows, width)
+    index = torch.where(valid, index, t)
     index = index.view(n, 1, -1, 1).expand(n, heads, -1, dim)
     buffer = text_kv.new_zeros((n, heads, t + 1, dim))
     return buffer.scatter(2, index, text_kv)[:, :, :t]
+
+
+class _TextMasks:
+    """Causal masks of the text stream, one per (rows, width) actually used in this prefill."""
+
+    def __init__(self, owner: WithdrawalForward, layout: TextLayout, like: torch.Tensor) -> None:
+        self.owner, self.layout, self.like = owner, layout, like
+        self.cache: dict[tuple, Any] = {}
+
+    def for_rows(self, rows: torch.Tensor, width: int):
+        key = (tuple(rows.tolist()), width)
+        if key not in self.cache:
+            _, valid = self.layout.rows_index(rows, width)
+            like = self.like.new_empty((len(rows), width, 0))
+            # No cache here: at prefill every layer's cache is empty, so the 2-D mask alone sizes it.
+            self.cache[key] = self.owner._mask(like, valid.long(), None, None, 0)
+        return self.cache[key]
 
 
 class WithdrawalForward:
@@ -212,8 +230,7 @@ class WithdrawalForward:
 
         layout = build_text_layout(visual, attention_mask)
         text_cos, text_sin = layout.gather(cos), layout.gather(sin)
-        text_like = inputs_embeds.new_empty((batch, layout.length, 0))
-        text_mask = self._mask(text_like, layout.valid.long(), cache, None, 0)
+        text_mask = _TextMasks(self, layout, inputs_embeds)
         full_positions = None if positions.text is None else _expand_batch(positions.text, batch)
 
         exits = exits.clone()
@@ -221,7 +238,9 @@ class WithdrawalForward:
         starts_full = exits > 0
         full = _Group(everyone[starts_full], inputs_embeds[starts_full])
         text_rows = everyone[~starts_full]
-        text = _Group(text_rows, layout.gather(inputs_embeds[~starts_full], text_rows))
+        text = _Group(
+            text_rows, layout.gather(inputs_embeds[~starts_full], text_rows, layout.width(text_rows))
+        )
         dynamic = self.controller._dynamic_exit
 
         for layer_idx in range(num_layers):
@@ -319,7 +338,11 @@ class WithdrawalForward:
         """Withdraw the visual tokens of the ``moving`` rows of the full group."""
         rows = full.rows[moving]
         joined_rows = torch.cat([text.rows, rows])
-        joined = torch.cat([text.hidden, layout.gather(full.hidden[moving], rows)])
+        width = layout.width(joined_rows)
+        staying = text.hidden
+        if staying.shape[1] < width:  # newcomers have longer text: re-pad the group on the left
+            staying = torch.nn.functional.pad(staying, (0, 0, width - staying.shape[1], 0))
+        joined = torch.cat([staying, layout.gather(full.hidden[moving], rows, width)])
         order = torch.argsort(joined_rows)
         return _Group(full.rows[~moving], full.hidden[~moving]), _Group(joined_rows[order], joined[order])
 
@@ -347,8 +370,10 @@ class WithdrawalForward:
             c, s = (cos, sin) if whole else (cos[rows], sin[rows])
             pos = full_positions if whole or full_positions is None else full_positions[rows]
         else:
-            mask = text_mask if whole or text_mask is None else text_mask[rows]
-            c, s = (text_cos, text_sin) if whole else (text_cos[rows], text_sin[rows])
+            width = group.hidden.shape[1]
+            mask = text_mask.for_rows(rows, width)
+            start = text_cos.shape[1] - width
+            c, s = (text_cos, text_sin) if whole else (text_cos[rows, start:], text_sin[rows, start:])
             pos = None  # gathered positions have gaps; flash-attention would read them as packed sequences
         return self._run_layer(layer_idx, group.hidden, mask, c, s, pos, cache, use_cache, kwargs)
 

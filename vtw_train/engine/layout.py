@@ -30,9 +30,26 @@ class TextLayout:
     def length(self) -> int:
         return self.index.shape[1]
 
-    def gather(self, full: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Gather ``full`` (``[b, T, ...]``) into the text layout for ``rows`` (default: all)."""
+    def width(self, rows: torch.Tensor) -> int:
+        """Text slots that ``rows`` need: their longest text (a group is padded to its own rows only)."""
+        return int(self.valid[rows].sum(dim=1).max()) if len(rows) else 0
+
+    def rows_index(self, rows: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(index, valid)`` of ``rows``, cut to the last ``width`` slots (left padding keeps text at the right)."""
+        start = self.length - width
+        return self.index[rows, start:], self.valid[rows, start:]
+
+    def gather(
+        self, full: torch.Tensor, rows: torch.Tensor | None = None, width: int | None = None
+    ) -> torch.Tensor:
+        """Gather ``full`` (``[b, T, ...]``) into the text layout for ``rows`` (default: all).
+
+        ``full`` holds exactly the ``rows`` (or every row); ``width`` cuts the layout to those
+        rows' longest text.
+        """
         index = self.index if rows is None else self.index[rows]
+        if width is not None:
+            index = index[:, self.length - width :]
         shape = index.shape + full.shape[2:]
         expanded = index.view(*index.shape, *([1] * (full.dim() - 2))).expand(shape)
         return torch.gather(full, 1, expanded)
@@ -40,11 +57,13 @@ class TextLayout:
     def scatter(self, text: torch.Tensor, full: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Write text-layout states of ``rows`` back into a copy of ``full`` at their positions.
 
-        Padding slots are routed to a spare column that is dropped, so they never overwrite a
-        real position. Visual positions of those rows are zeroed: they were withdrawn.
+        ``text`` may be cut to the rows' own width. Padding slots are routed to a spare column
+        that is dropped, so they never overwrite a real position. Visual positions of those rows
+        are zeroed: they were withdrawn.
         """
         b, t = full.shape[:2]
-        index = torch.where(self.valid[rows], self.index[rows], t)
+        index, valid = self.rows_index(rows, text.shape[1])
+        index = torch.where(valid, index, t)
         buffer = full.new_zeros((len(rows), t + 1, *full.shape[2:]))
         expanded = index.view(*index.shape, *([1] * (full.dim() - 2))).expand(text.shape)
         buffer = buffer.scatter(1, expanded, text)
