@@ -43,6 +43,8 @@ class ExitController:
         self.visual_token_ids: tuple[int, ...] = adapter.visual_token_ids(model)
         self._exit_layer: ExitLayer = None
         self._dynamic_exit: DynamicExit | None = None
+        self._frozen_layers: frozenset[int] = frozenset()
+        self._fastv: Any = None
         self._pending_visual: torch.Tensor | None = None
         self.last_exit_layers: torch.Tensor | None = None
         self._hooks: list[Any] = []
@@ -67,6 +69,34 @@ class ExitController:
     @dynamic_exit.setter
     def dynamic_exit(self, rule: DynamicExit | None) -> None:
         self._dynamic_exit = rule
+
+    @property
+    def frozen_layers(self) -> frozenset[int]:
+        """ShortV: layers in which visual tokens get no update (they still serve as keys/values)."""
+        return self._frozen_layers
+
+    @frozen_layers.setter
+    def frozen_layers(self, layers) -> None:
+        layers = frozenset(int(layer) for layer in (layers or ()))
+        bad = sorted(layer for layer in layers if not 0 <= layer < self.num_layers)
+        if bad:
+            raise WithdrawalError(
+                f"frozen_layers {bad} are out of range: decoder layers are [0, {self.num_layers - 1}]."
+            )
+        self._frozen_layers = layers
+
+    @property
+    def fastv(self):
+        """FastV settings (``vtw_train.methods.fastv.FastV``) or None. Not combinable with exits."""
+        return self._fastv
+
+    @fastv.setter
+    def fastv(self, settings) -> None:
+        if settings is not None and not 1 <= settings.layer < self.num_layers:
+            raise WithdrawalError(
+                f"FastV layer {settings.layer} is out of range: valid layers are [1, {self.num_layers - 1}]."
+            )
+        self._fastv = settings
 
     @contextmanager
     def exiting_at(self, exit_layer: ExitLayer) -> Iterator[ExitController]:

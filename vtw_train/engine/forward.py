@@ -70,6 +70,34 @@ def _scatter_kv(text_kv: torch.Tensor, layout: TextLayout, rows: torch.Tensor) -
     return buffer.scatter(2, index, text_kv)[:, :, :t]
 
 
+@dataclass
+class _Prefill:
+    """What every layer of one prefill needs, fixed for the call (the reduced layout may be reset once, by FastV)."""
+
+    batch: int
+    visual: torch.Tensor
+    padding: torch.Tensor | None
+    cos: torch.Tensor
+    sin: torch.Tensor
+    full_mask: Any
+    full_positions: torch.Tensor | None
+    use_cache: bool
+    kwargs: dict[str, Any]
+    frozen: frozenset[int]
+    dropped: torch.Tensor | None = None
+    layout: TextLayout | None = None
+    text_cos: torch.Tensor | None = None
+    text_sin: torch.Tensor | None = None
+    text_masks: _TextMasks | None = None
+
+    def set_dropped(self, owner: WithdrawalForward, dropped: torch.Tensor, like: torch.Tensor) -> None:
+        """The tokens the reduced stream leaves out: every visual token (VTW) or FastV's pruned ones."""
+        self.dropped = dropped
+        self.layout = build_text_layout(dropped, self.padding)
+        self.text_cos, self.text_sin = self.layout.gather(self.cos), self.layout.gather(self.sin)
+        self.text_masks = _TextMasks(owner, self.layout, like)
+
+
 class _TextMasks:
     """Causal masks of the text stream, one per (rows, width) actually used in this prefill."""
 
@@ -123,10 +151,24 @@ class WithdrawalForward:
         prefill = past_key_values is None or past_key_values.get_seq_length() == 0
         if not prefill or visual is None or not bool(visual.any()):
             return self.original(**call)
-        exits = self.controller._resolve_exit_layers(visual.shape[0], visual.device)
-        dynamic = self.controller._dynamic_exit
-        if exits is None or (dynamic is None and bool((exits >= self.controller.num_layers).all())):
+        controller = self.controller
+        exits = controller._resolve_exit_layers(visual.shape[0], visual.device)
+        dynamic = controller._dynamic_exit
+        fastv = controller._fastv
+        if fastv is not None:
+            if controller._exit_layer is not None or dynamic is not None:
+                raise WithdrawalError(
+                    "FastV cannot be combined with exit_layer or a gate in one forward (both reduce visual tokens "
+                    "inside the decoder); set controller.fastv = None or exit_layer = None."
+                )
+            exits = torch.full((visual.shape[0],), fastv.layer, dtype=torch.long, device=visual.device)
+        reduces = exits is not None and (dynamic is not None or bool((exits < controller.num_layers).any()))
+        if not reduces and not controller._frozen_layers:
             return self.original(**call)
+        if exits is None:
+            exits = torch.full(
+                (visual.shape[0],), controller.num_layers, dtype=torch.long, device=visual.device
+            )
         return self._prefill(visual=visual, exits=exits, **call)
 
     # ------------------------------------------------------------------ shared helpers
@@ -212,7 +254,7 @@ class WithdrawalForward:
             raise WithdrawalError(
                 f"Visual mask shape {tuple(visual.shape)} does not match the decoder input {(batch, length)}."
             )
-        num_layers = self.controller.num_layers
+        controller = self.controller
         use_cache = self._resolve_use_cache(use_cache)
         cache = None
         if use_cache:
@@ -220,18 +262,25 @@ class WithdrawalForward:
             if cache is None:
                 cache = WithdrawalCache(config=self.lm.config)
 
-        adapter = self.controller.adapter
+        adapter = controller.adapter
         if position_ids is None:
             positions = adapter.default_positions(0, length, batch, inputs_embeds.device)
         else:
             positions = adapter.split_positions(position_ids)
         cos, sin = self._rotary(inputs_embeds, positions.rope, batch)
-        full_mask = self._mask(inputs_embeds, attention_mask, cache, positions.text, 0)
-
-        layout = build_text_layout(visual, attention_mask)
-        text_cos, text_sin = layout.gather(cos), layout.gather(sin)
-        text_mask = _TextMasks(self, layout, inputs_embeds)
-        full_positions = None if positions.text is None else _expand_batch(positions.text, batch)
+        ctx = _Prefill(
+            batch=batch,
+            visual=visual,
+            padding=attention_mask,
+            cos=cos,
+            sin=sin,
+            full_mask=self._mask(inputs_embeds, attention_mask, cache, positions.text, 0),
+            full_positions=None if positions.text is None else _expand_batch(positions.text, batch),
+            use_cache=use_cache,
+            kwargs=kwargs,
+            frozen=controller._frozen_layers,
+        )
+        ctx.set_dropped(self, visual, inputs_embeds)
 
         exits = exits.clone()
         everyone = torch.arange(batch, device=inputs_embeds.device)
@@ -239,11 +288,21 @@ class WithdrawalForward:
         full = _Group(everyone[starts_full], inputs_embeds[starts_full])
         text_rows = everyone[~starts_full]
         text = _Group(
-            text_rows, layout.gather(inputs_embeds[~starts_full], text_rows, layout.width(text_rows))
+            text_rows, ctx.layout.gather(inputs_embeds[~starts_full], text_rows, ctx.layout.width(text_rows))
         )
-        dynamic = self.controller._dynamic_exit
+        dynamic = controller._dynamic_exit
+        fastv = controller._fastv
+        previous_input = None
 
-        for layer_idx in range(num_layers):
+        for layer_idx in range(controller.num_layers):
+            if fastv is not None and layer_idx == fastv.layer:
+                # Every row moves now; FastV's chosen visual tokens stay in the reduced stream.
+                keep = fastv.select(
+                    self.lm.layers[layer_idx - 1], previous_input, cos, sin, visual, attention_mask
+                )
+                ctx.set_dropped(self, visual & ~keep, inputs_embeds)
+            if fastv is not None and layer_idx == fastv.layer - 1:
+                previous_input = full.hidden
             if dynamic is not None and layer_idx > 0 and len(full):
                 fire = dynamic(layer_idx - 1, full.hidden, full.rows, visual, attention_mask)
                 if fire is not None:
@@ -252,71 +311,26 @@ class WithdrawalForward:
                     )
             moving = exits[full.rows] <= layer_idx
             if bool(moving.any()):
-                full, text = self._move(full, text, moving, layout)
+                full, text = self._move(full, text, moving, ctx.layout)
 
             if not len(text) or not len(full):
                 group, is_full = (full, True) if len(full) else (text, False)
-                group.hidden = self._run_group(
-                    layer_idx,
-                    group,
-                    is_full,
-                    batch,
-                    full_mask,
-                    text_mask,
-                    cos,
-                    sin,
-                    text_cos,
-                    text_sin,
-                    full_positions,
-                    cache,
-                    use_cache,
-                    kwargs,
-                )
+                group.hidden = self._run_group(layer_idx, group, is_full, ctx, cache)
                 continue
             captures = (_CaptureKV(), _CaptureKV()) if cache is not None else (None, None)
-            full.hidden = self._run_group(
-                layer_idx,
-                full,
-                True,
-                batch,
-                full_mask,
-                text_mask,
-                cos,
-                sin,
-                text_cos,
-                text_sin,
-                full_positions,
-                captures[0],
-                use_cache,
-                kwargs,
-            )
-            text.hidden = self._run_group(
-                layer_idx,
-                text,
-                False,
-                batch,
-                full_mask,
-                text_mask,
-                cos,
-                sin,
-                text_cos,
-                text_sin,
-                full_positions,
-                captures[1],
-                use_cache,
-                kwargs,
-            )
+            full.hidden = self._run_group(layer_idx, full, True, ctx, captures[0])
+            text.hidden = self._run_group(layer_idx, text, False, ctx, captures[1])
             if cache is not None:
-                self._store_mixed(cache, layer_idx, captures, full, text, layout, batch)
+                self._store_mixed(cache, layer_idx, captures, full, text, ctx.layout, batch)
 
         hidden = inputs_embeds.new_zeros(inputs_embeds.shape)
         if len(full):
             hidden = hidden.index_copy(0, full.rows, full.hidden)
         if len(text):
-            hidden = layout.scatter(text.hidden, hidden, text.rows)
+            hidden = ctx.layout.scatter(text.hidden, hidden, text.rows)
         hidden = self.lm.norm(hidden)
 
-        self.controller._record_exits(exits)
+        controller._record_exits(exits)
         if cache is not None:
             padding = (
                 attention_mask.long()
@@ -325,10 +339,10 @@ class WithdrawalForward:
             )
             cache.exit_state = ExitState(
                 exit_layers=exits,
-                visual=visual,
+                visual=ctx.dropped,
                 full_mask=padding,
-                text_mask=layout.valid.long(),
-                num_layers=num_layers,
+                text_mask=ctx.layout.valid.long(),
+                num_layers=controller.num_layers,
             )
         return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache)
 
@@ -346,36 +360,40 @@ class WithdrawalForward:
         order = torch.argsort(joined_rows)
         return _Group(full.rows[~moving], full.hidden[~moving]), _Group(joined_rows[order], joined[order])
 
-    def _run_group(
-        self,
-        layer_idx,
-        group,
-        is_full,
-        batch,
-        full_mask,
-        text_mask,
-        cos,
-        sin,
-        text_cos,
-        text_sin,
-        full_positions,
-        cache,
-        use_cache,
-        kwargs,
-    ) -> torch.Tensor:
+    def _run_group(self, layer_idx: int, group: _Group, is_full: bool, ctx: _Prefill, cache) -> torch.Tensor:
         rows = group.rows
-        whole = len(rows) == batch
+        whole = len(rows) == ctx.batch
+        if is_full and layer_idx in ctx.frozen:
+            from ..methods.shortv import frozen_layer_forward
+
+            padding = None if ctx.padding is None else ctx.padding[rows]
+            return frozen_layer_forward(
+                self.lm.layers[layer_idx],
+                layer_idx,
+                group.hidden,
+                ctx.visual[rows],
+                padding,
+                ctx.cos[rows],
+                ctx.sin[rows],
+                self.lm.config,
+                cache,
+                ctx.kwargs,
+            )
         if is_full:
-            mask = full_mask if whole or full_mask is None else full_mask[rows]
-            c, s = (cos, sin) if whole else (cos[rows], sin[rows])
-            pos = full_positions if whole or full_positions is None else full_positions[rows]
+            mask = ctx.full_mask if whole or ctx.full_mask is None else ctx.full_mask[rows]
+            c, s = (ctx.cos, ctx.sin) if whole else (ctx.cos[rows], ctx.sin[rows])
+            pos = ctx.full_positions if whole or ctx.full_positions is None else ctx.full_positions[rows]
         else:
             width = group.hidden.shape[1]
-            mask = text_mask.for_rows(rows, width)
-            start = text_cos.shape[1] - width
-            c, s = (text_cos, text_sin) if whole else (text_cos[rows, start:], text_sin[rows, start:])
+            mask = ctx.text_masks.for_rows(rows, width)
+            start = ctx.text_cos.shape[1] - width
+            c, s = (
+                (ctx.text_cos, ctx.text_sin)
+                if whole
+                else (ctx.text_cos[rows, start:], ctx.text_sin[rows, start:])
+            )
             pos = None  # gathered positions have gaps; flash-attention would read them as packed sequences
-        return self._run_layer(layer_idx, group.hidden, mask, c, s, pos, cache, use_cache, kwargs)
+        return self._run_layer(layer_idx, group.hidden, mask, c, s, pos, cache, ctx.use_cache, ctx.kwargs)
 
     @staticmethod
     def _store_mixed(

@@ -54,17 +54,22 @@ class TextLayout:
         expanded = index.view(*index.shape, *([1] * (full.dim() - 2))).expand(shape)
         return torch.gather(full, 1, expanded)
 
-    def scatter(self, text: torch.Tensor, full: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def scatter(
+        self, text: torch.Tensor, full: torch.Tensor, rows: torch.Tensor, keep_others: bool = False
+    ) -> torch.Tensor:
         """Write text-layout states of ``rows`` back into a copy of ``full`` at their positions.
 
         ``text`` may be cut to the rows' own width. Padding slots are routed to a spare column
-        that is dropped, so they never overwrite a real position. Visual positions of those rows
-        are zeroed: they were withdrawn.
+        that is dropped, so they never overwrite a real position. The other positions of those
+        rows are zeroed (withdrawn tokens), or keep ``full``'s values with ``keep_others``
+        (ShortV's frozen visual tokens).
         """
         b, t = full.shape[:2]
         index, valid = self.rows_index(rows, text.shape[1])
         index = torch.where(valid, index, t)
         buffer = full.new_zeros((len(rows), t + 1, *full.shape[2:]))
+        if keep_others:
+            buffer[:, :t] = full[rows]
         expanded = index.view(*index.shape, *([1] * (full.dim() - 2))).expand(text.shape)
         buffer = buffer.scatter(1, expanded, text)
         out = full.clone()
