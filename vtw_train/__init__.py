@@ -1,9 +1,39 @@
-"""vtw-train: withdraw visual tokens from multimodal LLM decoders once they stop mattering."""
+"""vtw-train: withdraw visual tokens from multimodal LLM decoders once they stop mattering.
+
+The engine is imported eagerly (it is small); training, checkpoints and methods load on
+first use so that ``import vtw_train`` does not pull in Lightning or peft.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
 
 from .engine import ExitController, WithdrawalCache, attach, controller_of, supported_model_classes
 from .errors import UnsupportedModelError, WithdrawalError
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "calibrate": ("vtw_train.calibrate", "calibrate"),
+    "CalibrationConfig": ("vtw_train.calibrate", "CalibrationConfig"),
+    "CalibrationRecord": ("vtw_train.calibrate", "CalibrationRecord"),
+    "GatedVLM": ("vtw_train.checkpoint", "GatedVLM"),
+    "export_gated_checkpoint": ("vtw_train.checkpoint", "export_gated_checkpoint"),
+    "ExitGate": ("vtw_train.gate", "ExitGate"),
+    "GateConfig": ("vtw_train.gate", "GateConfig"),
+    "VisPruner": ("vtw_train.methods.vispruner", "VisPruner"),
+    "FastV": ("vtw_train.methods.fastv", "FastV"),
+    "layer_contribution": ("vtw_train.methods.shortv", "layer_contribution"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        return getattr(import_module(module), attr)
+    raise AttributeError(f"module 'vtw_train' has no attribute {name!r}")
+
 
 __all__ = [
     "ExitController",
@@ -14,4 +44,5 @@ __all__ = [
     "attach",
     "controller_of",
     "supported_model_classes",
+    *_LAZY,
 ]
