@@ -51,7 +51,13 @@ def resolve_model_path(path: str) -> Path | str:
     if path == "toy":
         from .toy import toy_vlm_path
 
-        return toy_vlm_path()
+        toy = toy_vlm_path()
+        if not (toy / "config.json").is_file() or not (toy / "model.safetensors").is_file():
+            raise FileNotFoundError(
+                f"The embedded toy model is missing from {toy}. Rebuild it with "
+                "`python scripts/build_toy_vlm.py --config configs/toy_vlm.yaml`."
+            )
+        return toy
     resolved = Path(path).expanduser()
     if (resolved / "config.json").is_file():
         return resolved
