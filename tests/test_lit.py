@@ -143,7 +143,8 @@ def test_cli_runs_and_reports(paths, tmp_path):
 
     summary = main(["--config", str(write_config(paths, tmp_path))])
     names = [r["name"] for r in summary["results"]]
-    assert names[0] == "full model" and names[1].startswith("VTW fixed K=") and names[2].startswith("gate")
+    assert names[0] == "full model" and names[1].startswith("VTW fixed K=")
+    assert names[2].startswith("LoRA + fixed K=") and names[3].startswith("gate")
     assert summary["results"][0]["flops_ratio"] == pytest.approx(1.0)
     assert (tmp_path / "out" / "vtw_calibration.json").is_file()
     assert json.loads((tmp_path / "out" / "evaluation.json").read_text())["results"]
@@ -161,3 +162,38 @@ def test_ddp_on_cpu_with_two_processes(paths, tmp_path):
     result = run_cli(["--config", str(cfg), "--run.eval_samples", "0"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "calibrated K" in result.stdout
+
+
+def test_tiny_config_fast_dev_run(tmp_path):
+    """The shipped main-job config on the committed toy model, one batch of everything."""
+    from vtw_train.cli.train_gate import main
+
+    data = tmp_path / "data"
+    summary = main(
+        [
+            "--config",
+            str(ROOT / "configs" / "tiny.yaml"),
+            "--trainer.fast_dev_run",
+            "true",
+            "--data.train_path",
+            str(data / "train.jsonl"),
+            "--data.val_path",
+            str(data / "val.jsonl"),
+            "--run.output_dir",
+            str(tmp_path / "out"),
+            "--run.synthetic.train_samples",
+            "32",
+            "--run.synthetic.val_samples",
+            "16",
+            "--run.calibration_samples",
+            "8",
+            "--run.eval_samples",
+            "16",
+        ]
+    )
+    assert 0 <= summary["calibrated_exit_layer"] <= 8
+    assert [r["name"] for r in summary["results"]][:2] == [
+        "full model",
+        f"VTW fixed K={summary['calibrated_exit_layer']}",
+    ]
+    assert (tmp_path / "out" / "gated" / "vtw_config.json").is_file()

@@ -101,7 +101,8 @@ def compare_policies(
     batch_size: int = 32,
     max_new_tokens: int = 8,
 ) -> list[PolicyResult]:
-    """Full model and fixed-K VTW on the base weights (adapters off); the gate with the adapters on."""
+    """Full model and fixed-K VTW on the base weights (adapters off); LoRA at the same K and the gate with
+    the adapters on."""
     controller = attach(model)
     disable = getattr(model, "disable_adapter", None)
     saved = (controller.exit_layer, controller.dynamic_exit)
@@ -125,6 +126,10 @@ def compare_policies(
                         max_new_tokens,
                     )
                 )
+        if fixed_exit_layer is not None and callable(disable):
+            controller.exit_layer = fixed_exit_layer  # what distillation alone buys at the same K
+            results.append(evaluate_policy(f"LoRA + fixed K={fixed_exit_layer}", model, processor, records,
+                                           batch_size, max_new_tokens))
         if gate is not None:
             controller.exit_layer = None
             for tau in taus or [gate.config.tau]:
