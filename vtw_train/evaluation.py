@@ -37,8 +37,9 @@ class PolicyResult:
 class _RecordingModel:
     """Wraps ``generate`` to record, per sample, the exit layer and the FLOPs it implied."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, progress: Any = None) -> None:
         self.model = model
+        self.progress = progress
         self.controller = attach(model)
         self.exits: list[int] = []
         self.ratios: list[float] = []
@@ -63,6 +64,8 @@ class _RecordingModel:
             )
             self.exits.append(int(k))
             self.ratios.append(float(ratio))
+        if self.progress is not None:
+            self.progress.update(ids.shape[0])
         return out
 
 
@@ -128,8 +131,16 @@ def compare_policies(
                 )
         if fixed_exit_layer is not None and callable(disable):
             controller.exit_layer = fixed_exit_layer  # what distillation alone buys at the same K
-            results.append(evaluate_policy(f"LoRA + fixed K={fixed_exit_layer}", model, processor, records,
-                                           batch_size, max_new_tokens))
+            results.append(
+                evaluate_policy(
+                    f"LoRA + fixed K={fixed_exit_layer}",
+                    model,
+                    processor,
+                    records,
+                    batch_size,
+                    max_new_tokens,
+                )
+            )
         if gate is not None:
             controller.exit_layer = None
             for tau in taus or [gate.config.tau]:

@@ -50,6 +50,7 @@ class RunOptions:
     eval_samples: validation records used for the exact-match comparison (0 skips it).
     eval_taus: gate thresholds to evaluate (empty: the module's gate_tau).
     resume: a Lightning checkpoint to resume training from.
+    threads: CPU threads for torch (0: torch's default); 1 avoids oversubscription on a shared machine.
     """
 
     output_dir: str = "outputs/run"
@@ -65,6 +66,7 @@ class RunOptions:
     wandb_project: str = "vtw-train"
     run_name: str | None = None
     resume: str | None = None
+    threads: int = 0
     synthetic: SyntheticData = field(default_factory=SyntheticData)
 
 
@@ -114,8 +116,12 @@ def calibrate_base(
         num_samples=options.calibration_samples,
         metric=options.calibration_metric,
     )
+    from tqdm.auto import tqdm
+
+    batches = calibration_batches(module, datamodule, options)
+    total = -(-options.calibration_samples // datamodule.batch_size)
     with model.disable_adapter():
-        return calibrate(model, calibration_batches(module, datamodule, options), config)
+        return calibrate(model, tqdm(batches, total=total, desc="calibration", unit="batch"), config)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -130,6 +136,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     options: RunOptions = cli.config_init["run"]
     if isinstance(options, dict):
         options = RunOptions(**options)
+    if options.threads:
+        torch.set_num_threads(options.threads)
     module: GateDistillModule = cli.model
     datamodule: VLMDataModule = cli.datamodule
     trainer = cli.trainer
@@ -145,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if options.calibration:
         record = CalibrationRecord.load(options.calibration, model=module.model)
     else:
-        print(f"calibrating the fixed exit layer on {options.calibration_samples} validation samples ...")
+        print(f"calibrating the fixed exit layer on {options.calibration_samples} training samples ...")
         record = calibrate_base(module, datamodule, options)
     record.save(out_dir / "vtw_calibration.json")
     module.hparams.fixed_exit_layer = record.exit_layer
