@@ -159,3 +159,37 @@ def test_calibrate_script_writes_record(tmp_path, capsys):
     assert f"calibrated exit layer K = {record.exit_layer}" in printed
     assert "one plain forward" in printed
     assert json.loads(out.read_text())["exit_layer"] == record.exit_layer
+
+
+@pytest.mark.parametrize("metric", ["first_token", "answer_mean"])
+def test_calibrate_script_on_llava_format_data(tmp_path, metric):
+    from miniature import build_miniature
+
+    from vtw_train.cli.calibrate import main
+
+    paths = build_miniature(tmp_path / "mini", text_layers=3, train=4, val=4)
+    out = tmp_path / "cal.json"
+    record = main(
+        [
+            "--model.tiny_family",
+            "null",
+            "--model.path",
+            str(paths["model"]),
+            "--data.source",
+            "llava_json",
+            "--data.path",
+            str(paths["train"]),
+            "--data.batch_size",
+            "2",
+            "--calibration.num_samples",
+            "4",
+            "--calibration.metric",
+            metric,
+            "--benchmark_repeats",
+            "1",
+            "--output",
+            str(out),
+        ]
+    )
+    assert record.num_samples == 4 and record.metric == metric and record.num_layers == 3
+    assert CalibrationRecord.load(out).kl_curve == record.kl_curve

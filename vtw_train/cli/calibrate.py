@@ -57,16 +57,15 @@ def calibration_batches(
         raise ValueError(
             "data.source 'llava_json' needs a model with a processor (model.path), not a tiny random model."
         )
-    from ..data import llava_calibration_batches
+    from ..data import LlavaJsonDataset, VLMCollator
 
-    yield from llava_calibration_batches(
-        data.path,
-        processor,
-        num_samples=num_samples,
-        batch_size=data.batch_size,
-        with_answers=metric == "answer_mean",
-        image_root=data.image_root,
-    )
+    dataset = LlavaJsonDataset(data.path, image_root=data.image_root)
+    # answer_mean needs the teacher-forced answers (train collation, labels); first_token needs prompts only.
+    collate = VLMCollator(processor, mode="train" if metric == "answer_mean" else "generate")
+    records = [dataset[i] for i in range(min(num_samples, len(dataset)))]
+    for start in range(0, len(records), data.batch_size):
+        batch = collate(records[start : start + data.batch_size])
+        yield {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
 def measure_cost(

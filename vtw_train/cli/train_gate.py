@@ -95,10 +95,10 @@ class GateCLI(LightningCLI):
 
 
 def calibration_batches(module: GateDistillModule, datamodule: VLMDataModule, options: RunOptions):
-    datamodule.setup("validate")
-    records = [
-        datamodule.val_set[i] for i in range(min(options.calibration_samples, len(datamodule.val_set)))
-    ]
+    """Training samples: K is chosen on data the comparison is not scored on."""
+    datamodule.setup("fit")
+    source = datamodule.train_set if datamodule.train_set is not None else datamodule.val_set
+    records = [source[i] for i in range(min(options.calibration_samples, len(source)))]
     collate = VLMCollator(datamodule.processor, mode="train")
     size = datamodule.batch_size
     for start in range(0, len(records), size):

@@ -182,8 +182,8 @@ class ExitController:
             f"exit_layer has {value.numel()} entries but the batch has {batch} samples; give one K per sample."
         )
 
-    def _record_exits(self, exits: torch.Tensor) -> None:
-        self.last_exit_layers = exits.detach().clone()
+    def _record_exits(self, exits: torch.Tensor | None) -> None:
+        self.last_exit_layers = None if exits is None else exits.detach().clone()
 
     def _take_visual_mask(self) -> torch.Tensor | None:
         mask, self._pending_visual = self._pending_visual, None

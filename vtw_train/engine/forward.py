@@ -330,7 +330,7 @@ class WithdrawalForward:
             hidden = ctx.layout.scatter(text.hidden, hidden, text.rows)
         hidden = self.lm.norm(hidden)
 
-        controller._record_exits(exits)
+        controller._record_exits(None if fastv is not None else exits)  # FastV prunes, it does not exit
         if cache is not None:
             padding = (
                 attention_mask.long()

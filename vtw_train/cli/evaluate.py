@@ -1,0 +1,287 @@
+"""``scripts/evaluate.py --config cfg.yaml``: every visual-token reduction method side by side.
+
+1. load the model (and, optionally, a gated checkpoint's adapters and exit gate);
+2. read the evaluation records (writing synthetic ones on first use) and a disjoint calibration set;
+3. calibrate VTW's K and ShortV's layer contribution where the sweep needs them;
+4. run every strategy with greedy decoding; time all prefills interleaved on one fixed batch;
+5. write results.json, results.csv, predictions.jsonl, summary.md and accuracy_vs_flops.png to
+   ``output_dir``, log the table and the plot to W&B when enabled, and print the summary and the
+   verdict at the FLOPs budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ..data.llava_format import LlavaJsonDataset
+from ..data.records import VQARecord
+from ..harness import (
+    CalibrationSettings,
+    GenerationSettings,
+    HarnessResult,
+    StrategySweep,
+    TimingSettings,
+    accuracy_vs_flops,
+    budget_sentence,
+    budget_verdict,
+    run_harness,
+    strategy_table,
+    summary_markdown,
+    write_reports,
+)
+from ..models import ModelSpec, load_model
+from .config import parse_config
+
+
+@dataclass
+class SyntheticEvalData:
+    """Write synthetic VQA records to ``data.path`` / ``data.calibration_path`` when those files are missing.
+
+    The seeds differ from the toy model's training (0) and monitoring (12345) seeds and from the
+    gate's training/validation seeds (101/202), so no evaluated sample was seen in training.
+    0 samples: write nothing.
+    """
+
+    eval_samples: int = 0
+    eval_seed: int = 303
+    calibration_samples: int = 0
+    calibration_seed: int = 404
+
+
+@dataclass
+class EvalData:
+    """Evaluation and calibration records (LLaVA JSON/JSONL).
+
+    num_samples: records evaluated, the first ones of ``path`` (0: all).
+    calibration_path: records for calibration; when unset (or the same file), the records
+        after the evaluated ones in ``path`` are used, so calibration never sees an evaluated sample.
+    """
+
+    path: str = "outputs/data/evaluate/eval.jsonl"
+    image_root: str | None = None
+    num_samples: int = 0
+    calibration_path: str | None = None
+    synthetic: SyntheticEvalData = field(default_factory=SyntheticEvalData)
+
+
+@dataclass
+class EvaluateRun:
+    """The whole evaluation run.
+
+    gated_checkpoint: a directory exported by train_gate.py; needed by the gate strategies,
+        which run with its LoRA adapters on (every other strategy runs on the base model).
+    budget: the FLOPs ratio at which the verdict names the best strategy.
+    device: ``auto`` picks CUDA when available.
+    threads: torch intra-op threads (0: torch's default). On small models and shared CPUs one
+        thread is often several times faster than two.
+    """
+
+    model: ModelSpec = field(default_factory=lambda: ModelSpec(path="toy"))
+    gated_checkpoint: str | None = None
+    data: EvalData = field(default_factory=EvalData)
+    strategies: StrategySweep = field(default_factory=StrategySweep)
+    calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    timing: TimingSettings = field(default_factory=TimingSettings)
+    budget: float = 0.5
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = 0
+    output_dir: str = "outputs/evaluate"
+    wandb: bool = True
+    wandb_project: str = "vtw-train"
+    run_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.budget <= 1.0:
+            raise ValueError(f"budget must be a FLOPs ratio in (0, 1], got {self.budget}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
+        if self.data.num_samples < 0:
+            raise ValueError(f"data.num_samples must be >= 0, got {self.data.num_samples}")
+
+
+def ensure_synthetic_data(data: EvalData) -> None:
+    """Write the synthetic evaluation / calibration files that are missing (and asked for)."""
+    from ..data.synthetic import generate_dataset
+
+    synthetic = data.synthetic
+    if synthetic.calibration_samples and data.calibration_path is None:
+        raise ValueError(
+            "data.synthetic.calibration_samples needs data.calibration_path (where to write them)"
+        )
+    jobs = [(data.path, synthetic.eval_samples, synthetic.eval_seed)]
+    if data.calibration_path is not None:
+        jobs.append((data.calibration_path, synthetic.calibration_samples, synthetic.calibration_seed))
+    for path, n, seed in jobs:
+        if n and not Path(path).exists():
+            print(f"writing {n} synthetic VQA samples (seed {seed}) to {path} ...")
+            generate_dataset(Path(path).parent, n, seed=seed, filename=Path(path).name)
+
+
+def load_records(data: EvalData, calibration_needed: int) -> tuple[list[VQARecord], list[VQARecord]]:
+    """``(evaluated, calibration)`` records, disjoint by construction."""
+    dataset = LlavaJsonDataset(data.path, image_root=data.image_root)
+    records = list(dataset.records)
+    n = data.num_samples or len(records)
+    if n > len(records):
+        raise ValueError(f"data.num_samples = {n} but {data.path} holds {len(records)} records")
+    evaluated = records[:n]
+    same_file = (
+        data.calibration_path is None or Path(data.calibration_path).resolve() == Path(data.path).resolve()
+    )
+    if same_file:
+        calibration = records[n : n + calibration_needed]
+    else:
+        calibration = list(LlavaJsonDataset(data.calibration_path, image_root=data.image_root).records)
+        overlap = {r.id for r in evaluated} & {r.id for r in calibration}
+        if overlap:
+            raise ValueError(
+                f"data.calibration_path shares {len(overlap)} record ids with data.path (e.g. {sorted(overlap)[0]!r}); "
+                "calibration must use samples that are not evaluated"
+            )
+    return evaluated, calibration[:calibration_needed]
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda was requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def _load(run: EvaluateRun, device: torch.device) -> tuple[Any, Any, Any]:
+    """``(model, processor, gate)``; with a gated checkpoint the model is its peft model."""
+    if run.model.path is None:
+        raise ValueError(
+            "model.path is required: the harness decodes text, so it needs a model with a processor"
+        )
+    torch.manual_seed(run.model.seed)
+    model, processor = load_model(run.model)
+    gate = None
+    if run.gated_checkpoint:
+        from ..checkpoint import GatedVLM
+
+        vlm = GatedVLM.from_pretrained(run.gated_checkpoint, base_model=model)
+        model, gate = vlm.model, vlm.gate
+        if gate is None and run.strategies.needs_gate:
+            raise ValueError(
+                f"gated_checkpoint {run.gated_checkpoint} has no exit gate; remove the gate strategies"
+            )
+    elif run.strategies.needs_gate:
+        key = "strategies.gate" if run.strategies.gate else "strategies.vispruner_gate"
+        raise ValueError(
+            f"{key} needs a learned gate: set gated_checkpoint to a checkpoint exported by train_gate.py"
+        )
+    model.to(device).eval()
+    if gate is not None:
+        gate.to(device).eval()
+    return model, processor, gate
+
+
+def _calibration_needed(run: EvaluateRun) -> int:
+    cal = run.calibration
+    n = cal.num_samples if run.strategies.vtw_calibrated and not cal.record else 0
+    if run.strategies.needs_shortv:
+        n = max(n, cal.shortv_samples)
+    return n
+
+
+def log_to_wandb(run: EvaluateRun, result: HarnessResult, plot: Path, out_dir: Path) -> None:
+    """The strategy table, the per-type table, the plot and the verdict, when W&B is not disabled."""
+    from ..lit.wandb import resolve_wandb_mode
+
+    mode = resolve_wandb_mode()
+    if not run.wandb or mode == "disabled":
+        return
+    import wandb
+
+    session = wandb.init(
+        project=run.wandb_project,
+        name=run.run_name,
+        dir=str(out_dir),
+        mode=mode,
+        config=dataclasses.asdict(run),
+        job_type="evaluate",
+    )
+    try:
+        columns = ["strategy", "method", "accuracy", "agreement", "flops_ratio", "time_ratio", "kv_bytes"]
+        per_type = [
+            [s.name, s.method, t, g.n, g.accuracy, g.agreement, g.flops_ratio]
+            for s in result.strategies
+            for t, g in s.per_type.items()
+        ]
+        session.log(
+            {
+                "evaluate/strategies": wandb.Table(columns=columns, data=strategy_table(result)),
+                "evaluate/per_question_type": wandb.Table(
+                    columns=[
+                        "strategy",
+                        "method",
+                        "question_type",
+                        "n",
+                        "accuracy",
+                        "agreement",
+                        "flops_ratio",
+                    ],
+                    data=per_type,
+                ),
+                "evaluate/accuracy_vs_flops": wandb.Image(str(plot)),
+            }
+        )
+        session.summary["evaluate/verdict"] = budget_sentence(budget_verdict(result, run.budget))
+    finally:
+        session.finish()
+
+
+def main(argv: Sequence[str] | None = None) -> HarnessResult:
+    started = time.perf_counter()
+    run = parse_config(EvaluateRun, argv, "evaluate.py", __doc__ or "")
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    device = _device(run.device)
+    out_dir = Path(run.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_synthetic_data(run.data)
+    records, calibration_records = load_records(run.data, _calibration_needed(run))
+    model, processor, gate = _load(run, device)
+    print(
+        f"evaluating on {len(records)} records from {run.data.path} ({device}, "
+        f"{torch.get_num_threads()} threads); {len(calibration_records)} calibration records"
+    )
+    result = run_harness(
+        model,
+        processor,
+        records,
+        calibration_records,
+        run.strategies,
+        generation=run.generation,
+        timing=run.timing,
+        calibration=run.calibration,
+        gate=gate,
+        artifacts_dir=out_dir,
+    )
+    result.meta.update(
+        model=run.model.path,
+        gated_checkpoint=run.gated_checkpoint,
+        data=run.data.path,
+        device=str(device),
+        threads=torch.get_num_threads(),
+        config=dataclasses.asdict(run),
+        wall_seconds_before_reports=time.perf_counter() - started,
+    )
+    paths = write_reports(result, records, out_dir, run.budget)
+    paths["plot"] = accuracy_vs_flops(result, out_dir / "accuracy_vs_flops.png", budget=run.budget)
+    log_to_wandb(run, result, paths["plot"], out_dir)
+    print(summary_markdown(result, run.budget))
+    print("outputs: " + ", ".join(str(p) for p in paths.values()))
+    print(f"wall time {time.perf_counter() - started:.0f} s")
+    print(budget_sentence(budget_verdict(result, run.budget)))
+    return result
