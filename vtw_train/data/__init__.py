@@ -1,0 +1,62 @@
+"""Data layer: LLaVA-format reading, processor-based collation, synthetic VQA, evaluation.
+
+Public API::
+
+    LlavaJsonDataset(path, image_root=None, on_error="raise" | "skip")  -> VQARecord items
+    VLMCollator(processor, mode="train" | "generate", max_length=None)
+    VLMDataModule(train_path, val_path, processor, batch_size, num_workers, on_error)
+    evaluate_exact_match(model, processor, records, batch_size) -> ExactMatchResult
+    synthetic.generate_dataset(out_dir, n, seed)  -> data.jsonl + images/*.png
+
+The Lightning data module is imported lazily so that readers and collators work
+without importing Lightning.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from vtw_train.data import synthetic
+from vtw_train.data.collate import IGNORE_INDEX, ImageTokenMismatchError, VLMCollator
+from vtw_train.data.exact_match import (
+    ExactMatchResult,
+    evaluate_exact_match,
+    majority_baseline,
+    visual_token_share,
+)
+from vtw_train.data.llava_format import DataFormatError, LlavaJsonDataset, parse_record
+from vtw_train.data.records import Turn, VQARecord, from_sample, load_image
+from vtw_train.data.synthetic import answer_normalize, generate_dataset
+
+if TYPE_CHECKING:
+    from vtw_train.data.datamodule import VLMDataModule
+
+
+def __getattr__(name: str):
+    if name == "VLMDataModule":
+        from vtw_train.data.datamodule import VLMDataModule
+
+        return VLMDataModule
+    raise AttributeError(name)
+
+
+__all__ = [
+    "IGNORE_INDEX",
+    "DataFormatError",
+    "ExactMatchResult",
+    "ImageTokenMismatchError",
+    "LlavaJsonDataset",
+    "Turn",
+    "VLMCollator",
+    "VLMDataModule",
+    "VQARecord",
+    "answer_normalize",
+    "evaluate_exact_match",
+    "from_sample",
+    "generate_dataset",
+    "load_image",
+    "majority_baseline",
+    "parse_record",
+    "synthetic",
+    "visual_token_share",
+]

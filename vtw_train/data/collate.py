@@ -1,0 +1,134 @@
+"""Collation through the model's own processor.
+
+Why the processor: the chat template, image-token expansion and padding side are the
+model's business; doing them by hand would silently diverge between LLaVA, Qwen2-VL and
+the toy. Labels are -100 everywhere except the assistant's answer tokens (and the
+end-of-turn token the template puts after them), which is what supervised VQA trains on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+
+from vtw_train.data.records import VQARecord, load_image, turn_to_message
+
+IGNORE_INDEX = -100
+
+
+class ImageTokenMismatchError(ValueError):
+    """The processor produced a different number of image tokens than the vision tower will."""
+
+
+class VLMCollator:
+    """Turn records into model inputs.
+
+    ``mode="train"``: full conversations, right padding, ``labels`` masked to answers.
+    ``mode="generate"``: prompts ending in the generation prompt, left padding (so new
+    tokens append to every row), plus ``answers``/``question_types``/``ids`` lists.
+    """
+
+    def __init__(
+        self,
+        processor: Any,
+        mode: Literal["train", "generate"] = "train",
+        max_length: int | None = None,
+        expected_image_tokens: int | None = None,
+    ) -> None:
+        if mode not in ("train", "generate"):
+            raise ValueError(f"mode must be 'train' or 'generate', got {mode!r}")
+        self.processor = processor
+        self.mode = mode
+        self.max_length = max_length
+        self.expected_image_tokens = expected_image_tokens
+        tok = getattr(processor, "tokenizer", processor)
+        self.image_token_id = getattr(processor, "image_token_id", None)
+        if self.image_token_id is None and getattr(tok, "image_token", None):
+            self.image_token_id = tok.convert_tokens_to_ids(tok.image_token)
+
+    def _template(self, messages: list[dict], generation_prompt: bool) -> str:
+        return self.processor.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
+
+    def _process(self, texts: list[str], images: list, padding_side: str, records=()) -> dict:
+        try:
+            return self._process_unchecked(texts, images, padding_side)
+        except ValueError as e:
+            if "token count" not in str(e):
+                raise
+            names = ", ".join(r.source for r in records) or "batch"
+            raise ImageTokenMismatchError(f"{names}: {e}") from e
+
+    def _process_unchecked(self, texts: list[str], images: list, padding_side: str) -> dict:
+        kwargs: dict[str, Any] = {"padding": True, "padding_side": padding_side, "return_tensors": "pt"}
+        if self.max_length is not None:
+            kwargs.update(truncation=True, max_length=self.max_length)
+        if any(images):
+            return self.processor(images=images, text=texts, **kwargs)
+        return self.processor(text=texts, **kwargs)
+
+    def _check_image_tokens(self, batch: dict, records: Sequence[VQARecord]) -> None:
+        if self.image_token_id is None or self.expected_image_tokens is None:
+            return
+        counts = (batch["input_ids"] == self.image_token_id).sum(dim=1)
+        for rec, n in zip(records, counts.tolist(), strict=True):
+            want = self.expected_image_tokens * len(rec.images)
+            if n != want:
+                raise ImageTokenMismatchError(
+                    f"{rec.source}: {n} image tokens after processing, expected {want} "
+                    "(truncated by max_length, or the processor does not match the model?)"
+                )
+
+    def __call__(self, records: Sequence[VQARecord]) -> dict[str, Any]:
+        images = [[load_image(im) for im in r.images] for r in records]
+        flat_images = [im for ims in images for im in ims]
+        if self.mode == "generate":
+            texts = []
+            for r in records:
+                turns = r.turns[:-1] if r.turns and r.turns[-1].role == "assistant" else r.turns
+                texts.append(self._template([turn_to_message(t) for t in turns], True))
+            batch = dict(self._process(texts, flat_images, "left", records))
+            self._check_image_tokens(batch, records)
+            batch["answers"] = [r.answer for r in records]
+            batch["question_types"] = [r.question_type for r in records]
+            batch["ids"] = [r.id for r in records]
+            return batch
+
+        # Train: label spans [len(prompt_i), len(prompt_i + answer_i)) for each assistant turn i.
+        full_texts, spans_texts = [], []
+        for r in records:
+            msgs = [turn_to_message(t) for t in r.turns]
+            full_texts.append(self._template(msgs, False))
+            spans = []
+            for i, t in enumerate(r.turns):
+                if t.role == "assistant":
+                    spans.append((self._template(msgs[:i], True), self._template(msgs[: i + 1], False)))
+            spans_texts.append(spans)
+        batch = dict(self._process(full_texts, flat_images, "right", records))
+        self._check_image_tokens(batch, records)
+        labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
+        n_turns = max(len(s) for s in spans_texts)
+        for k in range(n_turns):
+            rows = [j for j, s in enumerate(spans_texts) if len(s) > k]
+            starts = self._lengths([spans_texts[j][k][0] for j in rows], [images[j] for j in rows])
+            ends = self._lengths([spans_texts[j][k][1] for j in rows], [images[j] for j in rows])
+            for j, a, b in zip(rows, starts, ends, strict=True):
+                labels[j, a:b] = batch["input_ids"][j, a:b]
+        labels[batch["attention_mask"] == 0] = IGNORE_INDEX
+        batch["labels"] = labels
+        return batch
+
+    def _lengths(self, texts: list[str], images: list[list]) -> list[int]:
+        """Token counts of prefixes; images are passed so placeholders expand as in the batch."""
+        n_img = [sum(t.count(self._image_marker) for t in [tx]) for tx in texts]
+        flat = [im for ims, n in zip(images, n_img, strict=True) for im in ims[:n]]
+        out = self._process(texts, flat, "right")
+        return out["attention_mask"].sum(dim=1).tolist()
+
+    @property
+    def _image_marker(self) -> str:
+        tok = getattr(self.processor, "tokenizer", self.processor)
+        return getattr(self.processor, "image_token", None) or getattr(tok, "image_token", "<image>")

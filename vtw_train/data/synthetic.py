@@ -1,0 +1,325 @@
+"""Deterministic synthetic visual question answering (scenes of shapes on a grid).
+
+Why: nothing can be downloaded here, yet the framework needs a VLM and data whose
+answers depend on the image. Scenes are objects on an 8x8 grid of 8-px cells (one
+object per cell, aligned to the vision tower's patches), so that every question is
+answerable from the pixels and the answer can be checked against the scene.
+
+Everything is driven by a ``random.Random(seed)``: the same seed gives the same
+images, questions and answers on every platform.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+GRID = 8
+CELL = 8
+IMAGE_SIZE = GRID * CELL
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (50, 80, 230),
+    "yellow": (230, 210, 40),
+}
+SHAPES = ("circle", "square", "triangle")
+SIZES = ("small", "large")
+BACKGROUND = (235, 235, 235)
+MIN_OBJECTS, MAX_OBJECTS = 2, 5
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
+RELATIONS = ("left of", "right of", "above", "below")
+
+#: Question types, roughly from easy to hard.
+QUESTION_TYPES = ("exists", "color", "shape", "count", "location", "spatial", "same_size")
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    """One object: attributes plus its grid cell (row 0 is the top, col 0 the left)."""
+
+    color: str
+    shape: str
+    size: str
+    row: int
+    col: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.color} {self.shape}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[SceneObject, ...]
+
+    def find(self, color: str | None = None, shape: str | None = None) -> list[SceneObject]:
+        return [
+            o
+            for o in self.objects
+            if (color is None or o.color == color) and (shape is None or o.shape == shape)
+        ]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A rendered scene with one question; ``answer`` is one or two lowercase words."""
+
+    scene: Scene
+    question: str
+    answer: str
+    question_type: str
+
+    def image(self) -> Image.Image:
+        return render_scene(self.scene)
+
+
+def sample_scene(rng: random.Random, min_objects: int = MIN_OBJECTS, max_objects: int = MAX_OBJECTS) -> Scene:
+    """Objects with distinct (colour, shape) pairs so that '<colour> <shape>' names one object."""
+    n = rng.randint(min_objects, max_objects)
+    cells = rng.sample(range(GRID * GRID), n)
+    pairs = rng.sample([(c, s) for c in COLORS for s in SHAPES], n)
+    objs = tuple(
+        SceneObject(color=c, shape=s, size=rng.choice(SIZES), row=cell // GRID, col=cell % GRID)
+        for (c, s), cell in zip(pairs, cells, strict=True)
+    )
+    return Scene(objs)
+
+
+def _shape_mask(shape: str, size: str) -> np.ndarray:
+    """Boolean CELL x CELL mask of a shape; large fills the cell, small is a 4-px version."""
+    extent = 8 if size == "large" else 4
+    off = (CELL - extent) / 2.0
+    yy, xx = np.mgrid[0:CELL, 0:CELL].astype(np.float32) + 0.5
+    u, v = (xx - off) / extent, (yy - off) / extent  # 0..1 inside the object's box
+    inside = (u >= 0) & (u <= 1) & (v >= 0) & (v <= 1)
+    if shape == "square":
+        m = inside
+    elif shape == "circle":
+        m = (u - 0.5) ** 2 + (v - 0.5) ** 2 <= 0.25
+    elif shape == "triangle":  # apex at the top, base at the bottom
+        m = inside & (np.abs(u - 0.5) <= v / 2.0)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    return m
+
+
+_MASKS = {(s, z): _shape_mask(s, z) for s in SHAPES for z in SIZES}
+
+
+def render_scene(scene: Scene) -> Image.Image:
+    """Draw the scene as a 64x64 RGB image (pure numpy, so it is fast and exact)."""
+    img = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    img[:] = BACKGROUND
+    for o in scene.objects:
+        cell = img[o.row * CELL : (o.row + 1) * CELL, o.col * CELL : (o.col + 1) * CELL]
+        cell[_MASKS[(o.shape, o.size)]] = COLORS[o.color]
+    return Image.fromarray(img, "RGB")
+
+
+def noise_image(rng: random.Random) -> Image.Image:
+    """Uniform noise of the same size: the control image for visual dependence."""
+    arr = np.frombuffer(rng.randbytes(IMAGE_SIZE * IMAGE_SIZE * 3), dtype=np.uint8)
+    return Image.fromarray(arr.reshape(IMAGE_SIZE, IMAGE_SIZE, 3).copy(), "RGB")
+
+
+def _yes_no(b: bool) -> str:
+    return "yes" if b else "no"
+
+
+def _relation_holds(a: SceneObject, rel: str, b: SceneObject) -> bool:
+    return {
+        "left of": a.col < b.col,
+        "right of": a.col > b.col,
+        "above": a.row < b.row,
+        "below": a.row > b.row,
+    }[rel]
+
+
+def make_question(scene: Scene, qtype: str, rng: random.Random) -> tuple[str, str] | None:
+    """A (question, answer) of the given type, or None when the scene cannot support it."""
+    objs = scene.objects
+    if qtype == "exists":
+        if rng.random() < 0.5:
+            o = rng.choice(objs)
+            return f"is there a {o.color} {o.shape} ?", "yes"
+        # Hard negative: shares the colour or the shape of a present object.
+        present = {(o.color, o.shape) for o in objs}
+        o = rng.choice(objs)
+        cands = [(c, o.shape) for c in COLORS] + [(o.color, s) for s in SHAPES]
+        cands = [p for p in cands if p not in present]
+        if not cands:
+            return None
+        c, s = rng.choice(cands)
+        return f"is there a {c} {s} ?", "no"
+    if qtype == "color":
+        uniq = [s for s in SHAPES if len(scene.find(shape=s)) == 1]
+        if not uniq:
+            return None
+        s = rng.choice(uniq)
+        return f"what color is the {s} ?", scene.find(shape=s)[0].color
+    if qtype == "shape":
+        uniq = [c for c in COLORS if len(scene.find(color=c)) == 1]
+        if not uniq:
+            return None
+        c = rng.choice(uniq)
+        return f"what shape is the {c} object ?", scene.find(color=c)[0].shape
+    if qtype == "count":
+        kind = rng.randrange(3)
+        if kind == 0:
+            return "how many objects ?", NUMBER_WORDS[len(objs)]
+        if kind == 1:
+            s = rng.choice(SHAPES)
+            return f"how many {s}s ?", NUMBER_WORDS[len(scene.find(shape=s))]
+        c = rng.choice(list(COLORS))
+        return f"how many {c} objects ?", NUMBER_WORDS[len(scene.find(color=c))]
+    if qtype == "location":
+        o = rng.choice(objs)
+        vert = "top" if o.row < GRID // 2 else "bottom"
+        horiz = "left" if o.col < GRID // 2 else "right"
+        return f"where is the {o.color} {o.shape} ?", f"{vert} {horiz}"
+    if qtype == "spatial":
+        rel = rng.choice(RELATIONS)
+        horizontal = rel in ("left of", "right of")
+        pairs = [
+            (a, b)
+            for a in objs
+            for b in objs
+            if a is not b and ((a.col != b.col) if horizontal else (a.row != b.row))
+        ]
+        if not pairs:
+            return None
+        want = rng.random() < 0.5
+        a, b = rng.choice(pairs)
+        if _relation_holds(a, rel, b) != want:
+            a, b = b, a
+        return f"is the {a.name} {rel} the {b.name} ?", _yes_no(_relation_holds(a, rel, b))
+    if qtype == "same_size":
+        if len(objs) < 2:
+            return None
+        want = rng.random() < 0.5
+        pairs = [(a, b) for i, a in enumerate(objs) for b in objs[i + 1 :] if (a.size == b.size) == want]
+        if not pairs:
+            pairs = [(a, b) for i, a in enumerate(objs) for b in objs[i + 1 :]]
+        a, b = rng.choice(pairs)
+        if rng.random() < 0.5:
+            a, b = b, a
+        return f"are the {a.name} and the {b.name} the same size ?", _yes_no(a.size == b.size)
+    raise ValueError(f"unknown question type {qtype!r}; known: {QUESTION_TYPES}")
+
+
+def generate_sample(
+    rng: random.Random,
+    type_weights: Mapping[str, float] | None = None,
+    min_objects: int = MIN_OBJECTS,
+    max_objects: int = MAX_OBJECTS,
+) -> Sample:
+    """Draw a question type (uniform unless weighted), then a scene that supports it.
+
+    Fewer objects (down to one) serve as a training curriculum: with a single object, even
+    unfocused attention over the visual tokens carries its colour and shape, which gives the
+    decoder a gradient path towards looking at the image at all.
+    """
+    if not 1 <= min_objects <= max_objects <= MAX_OBJECTS:
+        raise ValueError(f"need 1 <= min_objects <= max_objects <= {MAX_OBJECTS}")
+    types = list(type_weights) if type_weights else list(QUESTION_TYPES)
+    weights = [type_weights[t] for t in types] if type_weights else None
+    qtype = rng.choices(types, weights=weights)[0]
+    if max_objects < 2 and qtype in ("spatial", "same_size"):
+        raise ValueError(f"question type {qtype!r} needs scenes with at least two objects")
+    while True:
+        scene = sample_scene(rng, min_objects, max_objects)
+        qa = make_question(scene, qtype, rng)
+        if qa is not None:
+            return Sample(scene=scene, question=qa[0], answer=qa[1], question_type=qtype)
+
+
+def answer_normalize(text: str) -> str:
+    """Lowercase, strip punctuation and collapse whitespace: the exact-match convention."""
+    keep = "".join(ch if ch.isalnum() or ch.isspace() else " " for ch in text.lower())
+    return " ".join(keep.split())
+
+
+def vocabulary() -> list[str]:
+    """Every word the generator can emit (questions and answers), in a fixed order."""
+    words = [
+        "is", "there", "a", "what", "color", "the", "shape", "object", "how", "many", "objects",
+        "where", "of", "are", "and", "same", "size", "?",
+    ]  # fmt: skip
+    words += list(COLORS) + list(SHAPES) + [f"{s}s" for s in SHAPES]
+    words += list(NUMBER_WORDS) + ["yes", "no", "top", "bottom", "left", "right", "above", "below"]
+    words += list(SIZES)
+    out: list[str] = []
+    for w in words:
+        if w not in out:
+            out.append(w)
+    return out
+
+
+def sample_record(sample: Sample, sample_id: str, image_rel: str) -> dict:
+    """The LLaVA-1.5 conversation record for one sample."""
+    return {
+        "id": sample_id,
+        "image": image_rel,
+        "conversations": [
+            {"from": "human", "value": f"<image>\n{sample.question}"},
+            {"from": "gpt", "value": sample.answer},
+        ],
+        "question_type": sample.question_type,
+    }
+
+
+def generate_dataset(
+    out_dir: str | os.PathLike,
+    n: int,
+    seed: int,
+    type_weights: Mapping[str, float] | None = None,
+    filename: str = "data.jsonl",
+) -> Path:
+    """Write ``n`` samples as LLaVA-format JSONL plus ``images/*.png``; returns the JSONL path.
+
+    The JSONL is written to a temporary name and renamed, so a reader never sees half a file.
+    """
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    path = out / filename
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w") as f:
+        for i in range(n):
+            s = generate_sample(rng, type_weights)
+            rel = f"images/{seed}_{i:06d}.png"
+            s.image().save(out / rel)
+            f.write(json.dumps(sample_record(s, f"{seed}-{i}", rel)) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def generate_samples(n: int, seed: int, type_weights: Mapping[str, float] | None = None) -> list[Sample]:
+    """In-memory samples (no files): the same stream as :func:`generate_dataset` for a seed."""
+    rng = random.Random(seed)
+    return [generate_sample(rng, type_weights) for _ in range(n)]
+
+
+__all__: Sequence[str] = [
+    "QUESTION_TYPES",
+    "Sample",
+    "Scene",
+    "SceneObject",
+    "answer_normalize",
+    "generate_dataset",
+    "generate_sample",
+    "generate_samples",
+    "make_question",
+    "noise_image",
+    "render_scene",
+    "sample_scene",
+    "vocabulary",
+]
