@@ -6,6 +6,10 @@ model state shared between tests that a failing test could leave behind.
 
 from __future__ import annotations
 
+import os
+
+# Tests never talk to W&B (the offline path is tested in a subprocess in test_wandb.py).
+os.environ.setdefault("WANDB_MODE", "disabled")
 from typing import Any
 
 import pytest
