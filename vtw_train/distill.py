@@ -26,7 +26,7 @@ from .calibrate import target_positions
 from .engine import attach
 from .engine.sweep import run_sweep
 from .flops import DecoderDims, ExitPlan, prefill_flops
-from .gate import ExitGate, gate_features, text_feature_masks
+from .gate import ExitGate, gate_features, pooling_weights, text_feature_masks
 
 
 @dataclass
@@ -177,9 +177,9 @@ def distill_step(
     kd_loss = (kl_matrix * pick).sum() / pick.sum()
 
     padding = batch.get("attention_mask")
-    mean_mask, last = text_feature_masks(sweep.visual, padding, prompt_end)
+    pooling = pooling_weights(*text_feature_masks(sweep.visual, padding, prompt_end))
     logits = torch.stack(
-        [gate(gate_features(sweep.layer_outputs[layer], mean_mask, last), layer) for layer in gate_layers],
+        [gate(gate_features(sweep.layer_outputs[layer], pooling=pooling), layer) for layer in gate_layers],
         dim=1,
     )
     prob = torch.sigmoid(logits)

@@ -85,11 +85,11 @@ class ExitGate(nn.Module):
 
     def forward(self, features: torch.Tensor, layer: torch.Tensor | int) -> torch.Tensor:
         """Exit logits ``[N]`` for features ``[N, 2 * hidden]`` at layer(s) ``layer``."""
-        if isinstance(layer, int):
-            layer = torch.full(features.shape[:1], layer, dtype=torch.long, device=features.device)
         x = self.project(self.norm(features.to(self.norm.weight.dtype)))
-        x = x + self.layer_embedding(layer)
-        return self.head(x).squeeze(-1)
+        embedding = (
+            self.layer_embedding.weight[layer] if isinstance(layer, int) else self.layer_embedding(layer)
+        )
+        return self.head(x + embedding).squeeze(-1)
 
 
 def text_feature_masks(
@@ -116,13 +116,28 @@ def text_feature_masks(
     return mean_mask, last
 
 
-def gate_features(hidden: torch.Tensor, mean_mask: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+def pooling_weights(mean_mask: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """``[B, 2, T]``: row 0 averages the text under ``mean_mask``, row 1 picks the last prompt token.
+
+    Built once per set of samples and reused at every layer, so asking the gate costs one batched
+    matmul plus the router per layer (it must stay under 1% of prefill time).
+    """
+    mean = mean_mask.float()
+    mean = mean / mean.sum(dim=1, keepdim=True).clamp_min(1.0)
+    pick = torch.nn.functional.one_hot(last, mean_mask.shape[1]).float()
+    return torch.stack([mean, pick], dim=1)
+
+
+def gate_features(
+    hidden: torch.Tensor,
+    mean_mask: torch.Tensor | None = None,
+    last: torch.Tensor | None = None,
+    pooling: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``[B, 2D]`` = [mean of the text states under ``mean_mask`` ; state of the last prompt token]."""
-    hidden = hidden.detach()
-    weights = mean_mask.to(hidden.dtype).unsqueeze(-1)
-    mean = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-    last_state = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    return torch.cat([mean, last_state], dim=-1)
+    if pooling is None:
+        pooling = pooling_weights(mean_mask, last)
+    return torch.bmm(pooling.to(hidden.dtype), hidden.detach()).flatten(1)
 
 
 class GateExitRule:
@@ -137,15 +152,27 @@ class GateExitRule:
         self.gate = gate
         self.tau = gate.config.tau if tau is None else tau
         self.last_probabilities: dict[int, torch.Tensor] = {}
+        self._pooling_for: tuple = ()
+        self._pooling: torch.Tensor | None = None
+
+    def _pooling_weights(self, rows, visual, padding) -> torch.Tensor:
+        # The engine hands over the same row/visual tensors until a sample exits: reuse the weights.
+        key = (rows, visual, padding)
+        if len(self._pooling_for) != 3 or any(
+            a is not b for a, b in zip(self._pooling_for, key, strict=True)
+        ):
+            mean_mask, last = text_feature_masks(visual[rows], None if padding is None else padding[rows])
+            self._pooling, self._pooling_for = pooling_weights(mean_mask, last), key
+        return self._pooling
 
     def __call__(self, layer, hidden, rows, visual, padding):
         cfg = self.gate.config
         if layer < cfg.min_layer or layer >= cfg.num_layers - 1:
             return None
-        mean_mask, last = text_feature_masks(visual[rows], None if padding is None else padding[rows])
+        pooling = self._pooling_weights(rows, visual, padding)
         with torch.no_grad():
-            p = torch.sigmoid(self.gate(gate_features(hidden, mean_mask, last), layer))
-        self.last_probabilities[layer] = p.detach()
+            p = torch.sigmoid(self.gate(gate_features(hidden, pooling=pooling), layer))
+        self.last_probabilities[layer] = p
         return p >= self.tau
 
 
