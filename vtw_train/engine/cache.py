@@ -26,6 +26,13 @@ class ExitState:
     full_mask: torch.Tensor  # [B, S_full] long, padding mask of the full stream incl. generated tokens
     text_mask: torch.Tensor  # [B, S_text] long, padding mask of the text stream incl. generated tokens
     num_layers: int
+    _layouts: list[str] | None = None
+
+    def layouts(self) -> list[str]:
+        """Layout of every layer, computed once (the exit layers are fixed after prefill)."""
+        if self._layouts is None:
+            self._layouts = [self.layout_of(layer) for layer in range(self.num_layers)]
+        return self._layouts
 
     def layout_of(self, layer: int) -> str:
         if bool((self.exit_layers > layer).all()):
@@ -49,6 +56,7 @@ class ExitState:
     def select_rows(self, index: torch.Tensor) -> ExitState:
         return replace(
             self,
+            _layouts=None,
             exit_layers=self.exit_layers[index],
             visual=self.visual[index],
             full_mask=self.full_mask[index],

@@ -103,16 +103,19 @@ class _TextMasks:
 
     def __init__(self, owner: WithdrawalForward, layout: TextLayout, like: torch.Tensor) -> None:
         self.owner, self.layout, self.like = owner, layout, like
-        self.cache: dict[tuple, Any] = {}
+        self._last: tuple = (None, -1, None)
 
     def for_rows(self, rows: torch.Tensor, width: int):
-        key = (tuple(rows.tolist()), width)
-        if key not in self.cache:
+        # The group's row tensor is the same object until samples move, so identity is the key:
+        # no per-layer rows.tolist() (a device sync on GPU).
+        last_rows, last_width, mask = self._last
+        if rows is not last_rows or width != last_width:
             _, valid = self.layout.rows_index(rows, width)
             like = self.like.new_empty((len(rows), width, 0))
             # No cache here: at prefill every layer's cache is empty, so the 2-D mask alone sizes it.
-            self.cache[key] = self.owner._mask(like, valid.long(), None, None, 0)
-        return self.cache[key]
+            mask = self.owner._mask(like, valid.long(), None, None, 0)
+            self._last = (rows, width, mask)
+        return mask
 
 
 class WithdrawalForward:
@@ -457,7 +460,7 @@ class WithdrawalForward:
         cos, sin = self._rotary(inputs_embeds, positions.rope, batch)
 
         masks: dict[Any, Any] = {}
-        layouts = [state.layout_of(i) for i in range(state.num_layers)]
+        layouts = state.layouts()
         for layer_idx, kind in enumerate(layouts):
             key = kind if kind != MIXED else (MIXED, layer_idx)
             if key in masks:
