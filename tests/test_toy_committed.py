@@ -1,0 +1,60 @@
+"""The committed toy VLM loads with stock transformers and answers held-out questions.
+
+Fast: a handful of samples. Fails (does not skip) when the weights are missing, because a
+fresh clone is promised a working model without building anything.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from vtw_train.data import evaluate_exact_match, from_sample, majority_baseline
+from vtw_train.data.synthetic import BACKGROUND, IMAGE_SIZE, generate_sample
+from vtw_train.toy import load_toy_vlm, toy_vlm_path
+
+HELD_OUT_SEED = 2024  # never used in training (train seed 0, monitor seed 12345)
+
+
+def test_committed_files_within_budget():
+    d = toy_vlm_path()
+    weights = d / "model.safetensors"
+    assert weights.is_file(), f"missing {weights}: run scripts/build_toy_vlm.py --config configs/toy_vlm.yaml"
+    assert weights.stat().st_size <= 20 * 1024 * 1024
+    assert not list(d.glob("*.bin")) and not list(d.glob("*.tmp"))
+    info = json.loads((d / "training_info.json").read_text())
+    assert info["step"] == info["steps"], "committed weights are from an unfinished run"
+
+
+def test_committed_model_answers_held_out_questions():
+    """Colour and count are the types the committed model has learned best (about 0.6-0.7
+    against majority baselines of about 0.3); an image-blind model cannot pass this."""
+    torch.set_num_threads(1)
+    d = toy_vlm_path()
+    model = AutoModelForImageTextToText.from_pretrained(d).eval()
+    processor = AutoProcessor.from_pretrained(d)
+    assert model.config.text_config.num_hidden_layers >= 8
+    rng = random.Random(HELD_OUT_SEED)
+    records = [from_sample(generate_sample(rng, {"color": 1, "count": 1}), str(i)) for i in range(32)]
+    res = evaluate_exact_match(model, processor, records, batch_size=len(records))
+    assert res.overall >= 0.5, res.per_type
+    assert res.overall >= majority_baseline(records)["overall"] + 0.15, res.per_type
+    # The same questions on an empty image: the answers must change (visual dependence).
+    blank = evaluate_exact_match(
+        model,
+        processor,
+        records,
+        batch_size=len(records),
+        image_transform=lambda im: Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND),
+    )
+    assert blank.overall <= res.overall - 0.25, (blank.per_type, res.per_type)
+
+
+def test_load_toy_vlm_helper():
+    model, processor = load_toy_vlm()
+    assert not model.training
+    assert processor.image_token_id == model.config.image_token_id

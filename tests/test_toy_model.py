@@ -1,0 +1,153 @@
+"""A miniature toy VLM round-trips through save_pretrained and stock transformers Auto classes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import yaml
+
+from vtw_train.data import VLMCollator, from_sample
+from vtw_train.data.synthetic import generate_samples
+from vtw_train.toy.build import _sincos_2d, build_model, build_processor, miniature_arch
+from vtw_train.toy.config import load_config
+from vtw_train.toy.train import lr_factor, save_atomically
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory):
+    arch = miniature_arch()
+    processor = build_processor(arch)
+    model = build_model(arch, processor.tokenizer, seed=0).eval()
+    out = tmp_path_factory.mktemp("mini") / "toy"
+    save_atomically(model, processor, out, {"step": 0})
+    return model, processor, out
+
+
+def test_saved_files_are_standard(mini):
+    _, _, out = mini
+    names = {p.name for p in out.iterdir()}
+    assert "model.safetensors" in names and "config.json" in names
+    assert not any(n.endswith((".bin", ".pt", ".pth")) for n in names)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "llava" and cfg["vision_config"]["model_type"] == "clip_vision_model"
+    assert cfg["text_config"]["model_type"] == "llama"
+
+
+def test_loads_with_stock_transformers_only(mini):
+    """A fresh interpreter that never imports vtw_train gets identical logits."""
+    model, processor, out = mini
+    rec = from_sample(generate_samples(1, seed=3)[0])
+    batch = VLMCollator(processor, "generate")([rec])
+    with torch.no_grad():
+        ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    pixel_values=batch["pixel_values"]).logits[0, -1]  # fmt: skip
+    torch.save(
+        {"image": rec.images[0].tobytes(), "q": rec.turns[0].text[len("<image>\n") :]}, out.parent / "in.pt"
+    )
+    code = textwrap.dedent(f"""
+        import sys, torch
+        from PIL import Image
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+        d = {str(out)!r}
+        m = AutoModelForImageTextToText.from_pretrained(d).eval()
+        p = AutoProcessor.from_pretrained(d)
+        assert type(p.image_processor).__name__ == "CLIPImageProcessorPil", type(p.image_processor)
+        inp = torch.load({str(out.parent / "in.pt")!r})
+        img = Image.frombytes("RGB", (64, 64), inp["image"])
+        msgs = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": inp["q"]}}]}}]
+        text = p.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        enc = p(images=[img], text=[text], return_tensors="pt")
+        with torch.no_grad():
+            torch.save(m(**enc).logits[0, -1], {str(out.parent / "out.pt")!r})
+        assert "vtw_train" not in sys.modules
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=out.parent)
+    got = torch.load(out.parent / "out.pt")
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_generate_runs_and_stops(mini):
+    model, processor, _ = mini
+    recs = [from_sample(s) for s in generate_samples(3, seed=1)]
+    batch = VLMCollator(processor, "generate")(recs)
+    inputs = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    out = model.generate(
+        **inputs, max_new_tokens=3, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id
+    )
+    assert out.shape[0] == 3 and out.shape[1] <= inputs["input_ids"].shape[1] + 3
+
+
+def test_build_is_deterministic_for_a_seed():
+    arch = miniature_arch()
+    p = build_processor(arch)
+    a, b, c = (
+        build_model(arch, p.tokenizer, seed=1),
+        build_model(arch, p.tokenizer, seed=1),
+        build_model(arch, p.tokenizer, seed=2),
+    )
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_position_code_encodes_rows_and_columns():
+    code = _sincos_2d(8, 32)
+    assert code.shape == (64, 32)
+    assert len({tuple(r.tolist()) for r in code}) == 64  # every cell distinct
+    # Row half is identical along a row; column half identical along a column.
+    assert torch.allclose(code[0, :16], code[7, :16]) and not torch.allclose(code[0, 16:], code[7, 16:])
+
+
+def test_full_config_meets_the_size_budgets():
+    cfg = load_config("configs/toy_vlm.yaml")
+    p = build_processor(cfg.arch)
+    from transformers import LlavaForConditionalGeneration
+
+    from vtw_train.toy.build import build_config
+
+    with torch.device("meta"):
+        m = LlavaForConditionalGeneration(build_config(cfg.arch, p.tokenizer))
+    n = sum(x.numel() for x in m.parameters()) - m.get_input_embeddings().weight.numel()  # tied head
+    assert n * 4 <= 20e6, f"{n} parameters exceed 20 MB in float32"
+    assert cfg.arch.text_layers >= 8
+    assert (cfg.arch.image_size // cfg.arch.patch_size) ** 2 >= 64
+
+
+def test_config_rejects_unknown_keys(tmp_path):
+    good = yaml.safe_load(open("configs/toy_vlm.yaml"))
+    good["train"]["lr_typo"] = 1
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(good))
+    with pytest.raises(KeyError, match="lr_typo"):
+        load_config(path)
+    good["train"].pop("lr_typo")
+    good["arch"]["curriculum"] = 1
+    path.write_text(yaml.safe_dump(good))
+    with pytest.raises(KeyError, match="arch"):
+        load_config(path)
+
+
+def test_lr_schedule_shape():
+    cfg = load_config("configs/toy_vlm.yaml").train
+    f = [lr_factor(s, cfg) for s in range(cfg.steps)]
+    assert f[0] < 0.05 and f[cfg.warmup_steps] == 1.0
+    assert f[int(0.69 * cfg.steps)] == 1.0
+    assert f[-1] < 0.05 and all(
+        x >= y - 1e-9 for x, y in zip(f[cfg.warmup_steps :], f[cfg.warmup_steps + 1 :], strict=False)
+    )
+
+
+def test_prompt_order_option():
+    from vtw_train.toy.build import ToyArchConfig
+
+    p = build_processor(ToyArchConfig(prompt_order="question_first"))
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "how many objects ?"}]}]
+    text = p.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert text.index("how many") < text.index("<image>") and text.endswith("ASSISTANT:")
+    with pytest.raises(ValueError, match="prompt_order"):
+        build_processor(ToyArchConfig(prompt_order="sideways"))
