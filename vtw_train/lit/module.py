@@ -146,8 +146,12 @@ class GateDistillModule(L.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in self.train_metrics.compute().items()}, sync_dist=False)
         self.train_metrics.reset()
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_exits: list[torch.Tensor] = []
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         out = self._step(batch)
+        self._val_exits.append(out.gate_exit.detach().cpu())
         self.log_dict(
             {"val/loss": out.loss, "val/kd_loss": out.kd_loss, "val/gate_loss": out.gate_loss},
             batch_size=out.kl.shape[0],
@@ -157,9 +161,27 @@ class GateDistillModule(L.LightningModule):
         self._last_val = out
 
     def on_validation_epoch_end(self) -> None:
+        self._log_exit_histogram()
         values = self.val_metrics.compute()
         self.log_dict({f"val/{k}": v for k, v in values.items()}, prog_bar=False)
         self.val_metrics.reset()
+
+    def _log_exit_histogram(self) -> None:
+        """Where the gate would exit on the validation batches, as a W&B histogram (rank zero)."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        exits = getattr(self, "_val_exits", [])
+        loggers = self.trainer.loggers if self._trainer is not None else []
+        if not exits or self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        for logger in loggers:
+            if isinstance(logger, WandbLogger):
+                import wandb
+
+                values = torch.cat(exits).tolist()
+                logger.experiment.log(
+                    {"val/gate_exit_layers": wandb.Histogram(values), "trainer/global_step": self.global_step}
+                )
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
