@@ -116,10 +116,6 @@ class GateDistillModule(L.LightningModule):
         ).to(dtype=torch.float32)
         self.model = model
 
-    @property
-    def controller(self):
-        return attach(self.model)
-
     # ------------------------------------------------------------------ steps
     def _step(self, batch: dict[str, torch.Tensor]) -> StepOutput:
         inputs = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
@@ -158,7 +154,6 @@ class GateDistillModule(L.LightningModule):
             sync_dist=True,
         )
         self.val_metrics.update(out)
-        self._last_val = out
 
     def on_validation_epoch_end(self) -> None:
         self._log_exit_histogram()
