@@ -9,9 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
-from vtw_train.data.collate import VLMCollator
+from vtw_train.data.collate import VLMCollator, collated_batches
 from vtw_train.data.llava_format import LlavaJsonDataset
 from vtw_train.data.synthetic import generate_dataset
 from vtw_train.toy.build import build_model, build_processor, miniature_arch
@@ -32,9 +30,4 @@ def build_miniature(root: Path, text_layers: int = 4, train: int = 24, val: int 
 def batches(paths: dict[str, Path], processor, mode: str = "train", size: int = 4, split: str = "val"):
     dataset = LlavaJsonDataset(paths[split])
     collate = VLMCollator(processor, mode=mode)
-    records = [dataset[i] for i in range(len(dataset))]
-    out = []
-    for start in range(0, len(records), size):
-        batch = collate(records[start : start + size])
-        out.append({k: v for k, v in batch.items() if isinstance(v, torch.Tensor)})
-    return out
+    return list(collated_batches([dataset[i] for i in range(len(dataset))], collate, size))

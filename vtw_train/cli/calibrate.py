@@ -57,15 +57,13 @@ def calibration_batches(
         raise ValueError(
             "data.source 'llava_json' needs a model with a processor (model.path), not a tiny random model."
         )
-    from ..data import LlavaJsonDataset, VLMCollator
+    from ..data import LlavaJsonDataset, VLMCollator, collated_batches
 
     dataset = LlavaJsonDataset(data.path, image_root=data.image_root)
     # answer_mean needs the teacher-forced answers (train collation, labels); first_token needs prompts only.
     collate = VLMCollator(processor, mode="train" if metric == "answer_mean" else "generate")
     records = [dataset[i] for i in range(min(num_samples, len(dataset)))]
-    for start in range(0, len(records), data.batch_size):
-        batch = collate(records[start : start + data.batch_size])
-        yield {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    yield from collated_batches(records, collate, data.batch_size)
 
 
 def measure_cost(

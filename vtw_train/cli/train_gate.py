@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.cli import LightningCLI
 
 from ..calibrate import CalibrationConfig, CalibrationRecord, calibrate
-from ..data.collate import VLMCollator
+from ..data.collate import VLMCollator, collated_batches
 from ..data.datamodule import VLMDataModule
 from ..engine import attach
 from ..evaluation import compare_policies, format_results
@@ -99,11 +99,9 @@ def calibration_batches(module: GateDistillModule, datamodule: VLMDataModule, op
     datamodule.setup("fit")
     source = datamodule.train_set if datamodule.train_set is not None else datamodule.val_set
     records = [source[i] for i in range(min(options.calibration_samples, len(source)))]
-    collate = VLMCollator(datamodule.processor, mode="train")
-    size = datamodule.batch_size
-    for start in range(0, len(records), size):
-        batch = collate(records[start : start + size])
-        yield {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    yield from collated_batches(
+        records, VLMCollator(datamodule.processor, mode="train"), datamodule.batch_size
+    )
 
 
 def calibrate_base(

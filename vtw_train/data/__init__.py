@@ -17,7 +17,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from vtw_train.data import synthetic
-from vtw_train.data.collate import IGNORE_INDEX, ImageTokenMismatchError, VLMCollator
+from vtw_train.data.collate import (
+    IGNORE_INDEX,
+    ImageTokenMismatchError,
+    VLMCollator,
+    collated_batches,
+    model_inputs,
+)
 from vtw_train.data.exact_match import (
     ExactMatchResult,
     evaluate_exact_match,
@@ -48,6 +54,8 @@ __all__ = [
     "LlavaJsonDataset",
     "Turn",
     "VLMCollator",
+    "collated_batches",
+    "model_inputs",
     "VLMDataModule",
     "VQARecord",
     "answer_normalize",

@@ -8,7 +8,7 @@ end-of-turn token the template puts after them), which is what supervised VQA tr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -132,3 +132,16 @@ class VLMCollator:
     def _image_marker(self) -> str:
         tok = getattr(self.processor, "tokenizer", self.processor)
         return getattr(self.processor, "image_token", None) or getattr(tok, "image_token", "<image>")
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of a collated batch (drops ``answers``, ``ids``, ``question_types``)."""
+    return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+def collated_batches(
+    records: Sequence[VQARecord], collate: VLMCollator, batch_size: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Model-input batches of ``records`` in order (calibration, layer-contribution and timing runs)."""
+    for start in range(0, len(records), batch_size):
+        yield model_inputs(collate(list(records[start : start + batch_size])))

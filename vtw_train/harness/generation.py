@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..data.collate import VLMCollator
+from ..data.collate import VLMCollator, model_inputs
 from ..data.records import VQARecord
 from ..engine import ExitController
 from ..flops import DecoderDims
@@ -30,11 +30,6 @@ class Generated:
     predictions: list[str]
     flops_ratios: list[float]
     exit_layers: list[int | None]
-
-
-def model_inputs(batch: dict) -> dict[str, torch.Tensor]:
-    """The tensors of a collated batch (drops answers, ids and question types)."""
-    return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
 def to_device(inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

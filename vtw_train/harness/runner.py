@@ -18,13 +18,13 @@ import torch
 from torch import nn
 
 from ..calibrate import CalibrationConfig, CalibrationRecord, calibrate
-from ..data.collate import VLMCollator
+from ..data.collate import VLMCollator, collated_batches, model_inputs
 from ..data.records import VQARecord
 from ..engine import ExitController, attach
 from ..gate import ExitGate
 from ..methods.shortv import ShortVRecord, layer_contribution
 from .configure import adapters, configure, frozen_layers_of, pruner_of, reset, set_adapters
-from .generation import Generated, generate_answers, model_inputs, to_device
+from .generation import Generated, generate_answers, to_device
 from .profiling import PrefillCost, measure_prefill
 from .results import HarnessResult, StrategyResult, group_stats
 from .settings import CalibrationSettings, GenerationSettings, TimingSettings
@@ -37,9 +37,8 @@ def calibration_batches(
     processor: Any, records: Sequence[VQARecord], batch_size: int, device: torch.device
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Train-mode batches (prompt + answer, ``labels`` on the answer): both KL metrics and LC can use them."""
-    collate = VLMCollator(processor, mode="train")
-    for start in range(0, len(records), batch_size):
-        yield to_device(model_inputs(collate(list(records[start : start + batch_size]))), device)
+    for batch in collated_batches(records, VLMCollator(processor, mode="train"), batch_size):
+        yield to_device(batch, device)
 
 
 def calibrate_exit_layer(
