@@ -110,23 +110,49 @@ class VLMCollator:
         batch = dict(self._process(full_texts, flat_images, "right", records))
         self._check_image_tokens(batch, records)
         labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
-        n_turns = max(len(s) for s in spans_texts)
-        for k in range(n_turns):
-            rows = [j for j, s in enumerate(spans_texts) if len(s) > k]
-            starts = self._lengths([spans_texts[j][k][0] for j in rows], [images[j] for j in rows])
-            ends = self._lengths([spans_texts[j][k][1] for j in rows], [images[j] for j in rows])
-            for j, a, b in zip(rows, starts, ends, strict=True):
-                labels[j, a:b] = batch["input_ids"][j, a:b]
+        image_tokens = (
+            (batch["input_ids"] == self.image_token_id).sum(dim=1).tolist()
+            if self.image_token_id is not None
+            else None
+        )
+        jobs = [(j, a, b) for j, spans in enumerate(spans_texts) for a, b in spans]
+        texts = [t for _, a, b in jobs for t in (a, b)]
+        rows = [j for j, _, _ in jobs for _ in range(2)]
+        lengths = self._lengths(
+            texts, [images[j] for j in rows], [image_tokens[j] if image_tokens else None for j in rows]
+        )
+        for (j, _, _), a, b in zip(jobs, lengths[0::2], lengths[1::2], strict=True):
+            labels[j, a:b] = batch["input_ids"][j, a:b]
         labels[batch["attention_mask"] == 0] = IGNORE_INDEX
         batch["labels"] = labels
         return batch
 
-    def _lengths(self, texts: list[str], images: list[list]) -> list[int]:
-        """Token counts of prefixes; images are passed so placeholders expand as in the batch."""
-        n_img = [sum(t.count(self._image_marker) for t in [tx]) for tx in texts]
-        flat = [im for ims, n in zip(images, n_img, strict=True) for im in ims[:n]]
-        out = self._process(texts, flat, "right")
-        return out["attention_mask"].sum(dim=1).tolist()
+    def _lengths(self, texts: list[str], images: list[list], image_tokens: list[int | None]) -> list[int]:
+        """Token counts of prompt prefixes, as the full batch tokenizes them.
+
+        Why not just run the processor on every prefix: that preprocesses every image once
+        per assistant turn, which dominated collation time for multi-turn data. A prefix
+        holding none of its record's images, or all of them, goes through the tokenizer
+        alone, as the processor would tokenize it (each placeholder stays one token) and corrected by the record's image-token count
+        from the full batch (``image_tokens``). Only a prefix holding some but not all of a
+        record's images, whose per-image expansion may differ, goes through the processor
+        with those images.
+        """
+        out: list[int | None] = [None] * len(texts)
+        text_only, slow = [], []
+        for i, (tx, ims, n_tok) in enumerate(zip(texts, images, image_tokens, strict=True)):
+            k = tx.count(self._image_marker)
+            (text_only if k == 0 or (n_tok is not None and k == len(ims)) else slow).append(i)
+        if text_only:
+            tok = getattr(self.processor, "tokenizer", self.processor)
+            counts = [len(ids) for ids in tok([texts[i] for i in text_only])["input_ids"]]
+            for i, n in zip(text_only, counts, strict=True):
+                k = texts[i].count(self._image_marker)
+                out[i] = n + (image_tokens[i] - k if k else 0)
+        for i in slow:
+            k = texts[i].count(self._image_marker)
+            out[i] = self._process([texts[i]], images[i][:k], "right")["attention_mask"].sum().item()
+        return out  # type: ignore[return-value]
 
     @property
     def _image_marker(self) -> str:
