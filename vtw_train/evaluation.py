@@ -156,6 +156,57 @@ def compare_policies(
     return results
 
 
+@dataclass
+class GateVerdict:
+    """The gate against one fixed-K policy, in the two senses the project is judged by.
+
+    ``same_accuracy``: the cheapest gate threshold whose accuracy is within ``tolerance`` of
+    the fixed K's, and the fraction of the fixed K's FLOPs it saves (target >= 25%).
+    ``same_flops``: the most accurate gate threshold that spends no more FLOPs than the fixed K,
+    and its accuracy gain (target > 0). None where no threshold qualifies.
+    """
+
+    baseline: str
+    same_accuracy: str | None
+    flops_saving: float | None
+    same_flops: str | None
+    accuracy_gain: float | None
+
+    def line(self) -> str:
+        a = (
+            f"{self.same_accuracy} saves {self.flops_saving:.1%} of its FLOPs at its accuracy (within tolerance)"
+            if self.same_accuracy
+            else "no gate threshold reaches its accuracy"
+        )
+        b = (
+            f"{self.same_flops} is {self.accuracy_gain * 100:+.1f} pt at no more FLOPs"
+            if self.same_flops
+            else "no gate threshold is as cheap"
+        )
+        return f"vs {self.baseline}: {a}; {b}"
+
+
+def gate_verdicts(results: Sequence[PolicyResult], tolerance: float = 0.005) -> list[GateVerdict]:
+    """Compare every gate row with every fixed-K row (training-free VTW and LoRA at the same K)."""
+    gates = [r for r in results if r.name.startswith("gate")]
+    out = []
+    for base in (r for r in results if "fixed K" in r.name):
+        close = [g for g in gates if g.accuracy >= base.accuracy - tolerance]
+        cheap = [g for g in gates if g.flops_ratio <= base.flops_ratio + 1e-9]
+        best_a = min(close, key=lambda g: g.flops_ratio, default=None)
+        best_f = max(cheap, key=lambda g: (g.accuracy, -g.flops_ratio), default=None)
+        out.append(
+            GateVerdict(
+                baseline=base.name,
+                same_accuracy=best_a.name if best_a else None,
+                flops_saving=1 - best_a.flops_ratio / base.flops_ratio if best_a else None,
+                same_flops=best_f.name if best_f else None,
+                accuracy_gain=best_f.accuracy - base.accuracy if best_f else None,
+            )
+        )
+    return out
+
+
 def format_results(results: Sequence[PolicyResult]) -> str:
     types = sorted({t for r in results for t in r.per_type})
     header = f"{'policy':<22}{'accuracy':>9}{'FLOPs':>8}{'mean K':>8}  " + "  ".join(

@@ -21,7 +21,7 @@ from ..calibrate import CalibrationConfig, CalibrationRecord, calibrate
 from ..data.collate import VLMCollator, collated_batches
 from ..data.datamodule import VLMDataModule
 from ..engine import attach
-from ..evaluation import compare_policies, format_results
+from ..evaluation import compare_policies, format_results, gate_verdicts
 from ..lit.module import GateDistillModule
 from ..lit.wandb import make_wandb_logger
 from ..models import resolve_model_path
@@ -183,7 +183,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
         table = format_results(results)
         print(table)
+        verdicts = gate_verdicts(results)
+        for v in verdicts:
+            print(v.line())
         summary["results"] = [{k: v for k, v in asdict(r).items() if k != "predictions"} for r in results]
+        summary["gate_verdicts"] = [asdict(v) for v in verdicts]
         (out_dir / "evaluation.json").write_text(json.dumps(summary, indent=2) + "\n")
         if logger is not None:
             _log_results(logger, results, records)
