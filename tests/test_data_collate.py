@@ -89,6 +89,69 @@ def test_multi_turn_labels_every_answer(processor):
     assert tok.convert_ids_to_tokens(kept) == ["two", "</s>", "no", "</s>"]
 
 
+def test_synthetic_conversation_labels_each_answer_once(processor):
+    import random
+
+    from vtw_train.data import from_conversation
+    from vtw_train.data.synthetic import generate_conversation
+
+    conv = generate_conversation(random.Random(3), 4)
+    rec = from_conversation(conv, "c")
+    assert sum("<image>" in t.text for t in rec.turns) == 1 and rec.turns[0].text.startswith("<image>\n")
+    batch = VLMCollator(processor, "train", expected_image_tokens=N_VIS)([rec])
+    kept = batch["labels"][0][batch["labels"][0] != IGNORE_INDEX].tolist()
+    tok = processor.tokenizer
+    want = []
+    for s in conv:
+        want += tok(s.answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    assert kept == want
+
+
+def _reference_labels(processor, rec: VQARecord) -> list[int]:
+    """Answer spans found the slow, obvious way: run the processor on every prefix with its images."""
+    from vtw_train.data.records import load_image, turn_to_message
+
+    msgs = [turn_to_message(t) for t in rec.turns]
+    images = [load_image(im) for im in rec.images]
+
+    def length(text: str) -> int:
+        k = text.count("<image>")
+        kw = {"images": images[:k]} if k else {}
+        return int(processor(text=[text], return_tensors="pt", **kw)["attention_mask"].sum())
+
+    full = processor.apply_chat_template(msgs, tokenize=False)
+    ids = processor(text=[full], images=images or None, return_tensors="pt")["input_ids"][0]
+    kept: list[int] = []
+    for i, t in enumerate(rec.turns):
+        if t.role == "assistant":
+            a = length(processor.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True))
+            b = length(processor.apply_chat_template(msgs[: i + 1], tokenize=False))
+            kept += ids[a:b].tolist()
+    return kept
+
+
+def test_prefix_lengths_match_processing_every_prefix_with_its_images(processor):
+    """The collator tokenizes prefixes without re-processing images; every placement of images
+    across turns (none yet, all, some) must give the spans the processor itself would."""
+    imgs = [s.image() for s in generate_samples(2, seed=1)]
+    u, a = (lambda x: Turn("user", x)), (lambda x: Turn("assistant", x))
+    recs = [
+        VQARecord("one", imgs[:1], [u("<image>\nhow many objects ?"), a("two")]),
+        VQARecord("multi", imgs[:1], [u("<image>\nis there a red circle ?"), a("no"), u("how many objects ?"), a("two")]),
+        VQARecord("late", imgs[:1], [u("how many objects ?"), a("two"), u("<image>\nwhat color is the circle ?"), a("red")]),
+        VQARecord(
+            "split",
+            imgs,
+            [u("<image>\nhow many objects ?"), a("two"), u("<image>\nwhere is the red circle ?"), a("top left")],
+        ),
+        VQARecord("text", [], [u("how many objects ?"), a("two")]),
+    ]  # fmt: skip
+    batch = VLMCollator(processor, "train")(recs)
+    for row, rec in enumerate(recs):
+        lab = batch["labels"][row]
+        assert lab[lab != IGNORE_INDEX].tolist() == _reference_labels(processor, rec), rec.id
+
+
 def test_image_token_mismatch_is_reported(processor, records):
     with pytest.raises(ImageTokenMismatchError, match="expected 65"):
         VLMCollator(processor, "train", expected_image_tokens=65)(records)

@@ -49,7 +49,8 @@ def _decode_scene_from_pixels(img: np.ndarray) -> dict[tuple[int, int], tuple[st
                 continue
             name = [k for k, v in syn.COLORS.items() if (fg == v).all(axis=1).all()]
             assert len(name) == 1, f"cell {r},{c} mixes colours"
-            found[(r, c)] = (name[0], "large" if len(fg) > 20 else "small")
+            # A large object (14 px) covers >= 98 px (triangle), a small one (7 px) <= 49 px (square).
+            found[(r, c)] = (name[0], "large" if len(fg) > 75 else "small")
     return found
 
 
@@ -88,7 +89,8 @@ def _reference_answer(scene: syn.Scene, q: str, qtype: str) -> str:
         return syn.NUMBER_WORDS[n]
     if qtype == "location":
         o = obj(w[3], w[4])
-        return ("top" if o.row < 4 else "bottom") + " " + ("left" if o.col < 4 else "right")
+        half = syn.GRID // 2
+        return ("top" if o.row < half else "bottom") + " " + ("left" if o.col < half else "right")
     if qtype == "spatial":
         a = obj(w[2], w[3])
         rel = w[4]
@@ -137,3 +139,25 @@ def test_object_count_curriculum():
         syn.generate_sample(rng, {"spatial": 1}, 1, 1)
     with pytest.raises(ValueError, match="min_objects"):
         syn.generate_sample(rng, None, 3, 2)
+
+
+def test_image_is_64_patches_with_cells_on_patch_boundaries():
+    assert syn.IMAGE_SIZE == 64 and (syn.IMAGE_SIZE // syn.PATCH) ** 2 == 64
+    assert syn.CELL % syn.PATCH == 0
+
+
+def test_conversation_asks_distinct_questions_about_one_scene():
+    rng = random.Random(4)
+    for _ in range(50):
+        conv = syn.generate_conversation(rng, 4)
+        assert 1 <= len(conv) <= 4
+        assert len({s.question for s in conv}) == len(conv)
+        assert all(s.scene is conv[0].scene for s in conv)
+        for s in conv:
+            assert _reference_answer(s.scene, s.question, s.question_type) == s.answer
+    # Its first question is the stream generate_sample draws, so n_questions=1 changes nothing.
+    a = syn.generate_conversation(random.Random(9), 1)
+    b = syn.generate_sample(random.Random(9))
+    assert (a[0].question, a[0].answer, a[0].scene) == (b.question, b.answer, b.scene)
+    with pytest.raises(ValueError, match="n_questions"):
+        syn.generate_conversation(rng, 0)

@@ -31,7 +31,7 @@ from vtw_train.data.exact_match import (
     visual_token_share,
 )
 from vtw_train.data.llava_format import DataFormatError, LlavaJsonDataset, parse_record
-from vtw_train.data.records import Turn, VQARecord, from_sample, load_image
+from vtw_train.data.records import Turn, VQARecord, from_conversation, from_sample, load_image
 from vtw_train.data.synthetic import answer_normalize, generate_dataset
 
 if TYPE_CHECKING:
@@ -60,6 +60,7 @@ __all__ = [
     "VQARecord",
     "answer_normalize",
     "evaluate_exact_match",
+    "from_conversation",
     "from_sample",
     "generate_dataset",
     "load_image",

@@ -75,3 +75,17 @@ def from_sample(sample, sample_id: str = "") -> VQARecord:
         turns=[Turn("user", f"{IMAGE_PLACEHOLDER}\n{sample.question}"), Turn("assistant", sample.answer)],
         question_type=sample.question_type,
     )
+
+
+def from_conversation(samples, sample_id: str = "") -> VQARecord:
+    """Multi-turn record for several synthetic samples about one scene (the image comes once,
+    in the first user turn, as in LLaVA-1.5's multi-turn training data)."""
+    if not samples:
+        raise ValueError("from_conversation needs at least one sample")
+    turns: list[Turn] = []
+    for i, s in enumerate(samples):
+        prefix = f"{IMAGE_PLACEHOLDER}\n" if i == 0 else ""
+        turns += [Turn("user", prefix + s.question), Turn("assistant", s.answer)]
+    return VQARecord(
+        id=sample_id, images=[samples[0].image()], turns=turns, question_type=samples[0].question_type
+    )

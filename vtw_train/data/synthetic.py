@@ -1,9 +1,10 @@
 """Deterministic synthetic visual question answering (scenes of shapes on a grid).
 
 Why: nothing can be downloaded here, yet the framework needs a VLM and data whose
-answers depend on the image. Scenes are objects on an 8x8 grid of 8-px cells (one
-object per cell, aligned to the vision tower's patches), so that every question is
-answerable from the pixels and the answer can be checked against the scene.
+answers depend on the image. Scenes are objects on a 4x4 grid of 16-px cells (one
+object per cell; each cell is exactly 2x2 of the vision tower's 8-px patches, so a
+64x64 image gives 64 visual tokens), so that every question is answerable from the
+pixels and the answer can be checked against the scene.
 
 Everything is driven by a ``random.Random(seed)``: the same seed gives the same
 images, questions and answers on every platform.
@@ -21,9 +22,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-GRID = 8
-CELL = 8
+GRID = 4
+CELL = 16
 IMAGE_SIZE = GRID * CELL
+#: Vision-tower patch size the scenes are drawn for: a cell is (CELL // PATCH)^2 patches.
+PATCH = 8
+#: Side in pixels of a large object (centred in its cell, so it spans the cell's 2x2 patches)
+#: and of a small one (exactly one patch, in the cell's quadrant ``SceneObject.quadrant``).
+OBJECT_EXTENT = {"large": 14, "small": PATCH}
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -43,13 +49,19 @@ QUESTION_TYPES = ("exists", "color", "shape", "count", "location", "spatial", "s
 
 @dataclass(frozen=True)
 class SceneObject:
-    """One object: attributes plus its grid cell (row 0 is the top, col 0 the left)."""
+    """One object: attributes plus its grid cell (row 0 is the top, col 0 the left).
+
+    A small object fills one patch of its cell, ``quadrant`` (0 top-left, 1 top-right,
+    2 bottom-left, 3 bottom-right), so its shape is whole inside one visual token; a large
+    one is centred and ignores it. Questions only ever use the cell.
+    """
 
     color: str
     shape: str
     size: str
     row: int
     col: int
+    quadrant: int = 0
 
     @property
     def name(self) -> str:
@@ -87,17 +99,25 @@ def sample_scene(rng: random.Random, min_objects: int = MIN_OBJECTS, max_objects
     cells = rng.sample(range(GRID * GRID), n)
     pairs = rng.sample([(c, s) for c in COLORS for s in SHAPES], n)
     objs = tuple(
-        SceneObject(color=c, shape=s, size=rng.choice(SIZES), row=cell // GRID, col=cell % GRID)
+        SceneObject(
+            color=c,
+            shape=s,
+            size=rng.choice(SIZES),
+            row=cell // GRID,
+            col=cell % GRID,
+            quadrant=rng.randrange(4),
+        )
         for (c, s), cell in zip(pairs, cells, strict=True)
     )
     return Scene(objs)
 
 
 def _shape_mask(shape: str, size: str) -> np.ndarray:
-    """Boolean CELL x CELL mask of a shape; large fills the cell, small is a 4-px version."""
-    extent = 8 if size == "large" else 4
-    off = (CELL - extent) / 2.0
-    yy, xx = np.mgrid[0:CELL, 0:CELL].astype(np.float32) + 0.5
+    """Boolean mask of a shape centred in its box: the cell (large) or one patch (small)."""
+    extent = OBJECT_EXTENT[size]
+    box = CELL if size == "large" else PATCH
+    off = (box - extent) / 2.0
+    yy, xx = np.mgrid[0:box, 0:box].astype(np.float32) + 0.5
     u, v = (xx - off) / extent, (yy - off) / extent  # 0..1 inside the object's box
     inside = (u >= 0) & (u <= 1) & (v >= 0) & (v <= 1)
     if shape == "square":
@@ -119,8 +139,11 @@ def render_scene(scene: Scene) -> Image.Image:
     img = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     img[:] = BACKGROUND
     for o in scene.objects:
-        cell = img[o.row * CELL : (o.row + 1) * CELL, o.col * CELL : (o.col + 1) * CELL]
-        cell[_MASKS[(o.shape, o.size)]] = COLORS[o.color]
+        mask = _MASKS[(o.shape, o.size)]
+        y, x = o.row * CELL, o.col * CELL
+        if o.size == "small":
+            y, x = y + (o.quadrant // 2) * PATCH, x + (o.quadrant % 2) * PATCH
+        img[y : y + mask.shape[0], x : x + mask.shape[1]][mask] = COLORS[o.color]
     return Image.fromarray(img, "RGB")
 
 
@@ -241,6 +264,38 @@ def generate_sample(
             return Sample(scene=scene, question=qa[0], answer=qa[1], question_type=qtype)
 
 
+def generate_conversation(
+    rng: random.Random,
+    n_questions: int,
+    type_weights: Mapping[str, float] | None = None,
+    min_objects: int = MIN_OBJECTS,
+    max_objects: int = MAX_OBJECTS,
+) -> list[Sample]:
+    """Several different questions about one scene (a multi-turn training conversation).
+
+    Why: the answer is one or two tokens, so a single-question sample gives the decoder very
+    little signal per image; asking up to ``n_questions`` about the same scene multiplies the
+    supervision for a fraction of the compute (the visual tokens are shared). The first
+    question is drawn exactly as :func:`generate_sample` draws it; later ones redraw their
+    type when the scene cannot support it, and repeats are skipped.
+    """
+    if n_questions < 1:
+        raise ValueError(f"n_questions must be >= 1, got {n_questions}")
+    first = generate_sample(rng, type_weights, min_objects, max_objects)
+    out = [first]
+    types = list(type_weights) if type_weights else list(QUESTION_TYPES)
+    weights = [type_weights[t] for t in types] if type_weights else None
+    attempts = 0
+    while len(out) < n_questions and attempts < 8 * n_questions:
+        attempts += 1
+        qtype = rng.choices(types, weights=weights)[0]
+        qa = make_question(first.scene, qtype, rng)
+        if qa is None or any(qa[0] == s.question for s in out):
+            continue
+        out.append(Sample(scene=first.scene, question=qa[0], answer=qa[1], question_type=qtype))
+    return out
+
+
 def answer_normalize(text: str) -> str:
     """Lowercase, strip punctuation and collapse whitespace: the exact-match convention."""
     keep = "".join(ch if ch.isalnum() or ch.isspace() else " " for ch in text.lower())
@@ -314,6 +369,7 @@ __all__: Sequence[str] = [
     "Scene",
     "SceneObject",
     "answer_normalize",
+    "generate_conversation",
     "generate_dataset",
     "generate_sample",
     "generate_samples",
