@@ -31,18 +31,20 @@ def test_committed_files_within_budget():
 
 
 def test_committed_model_answers_held_out_questions():
-    """Colour and count are the types the committed model has learned best (about 0.6-0.7
-    against majority baselines of about 0.3); an image-blind model cannot pass this."""
+    """Colour, count and shape are learned by the committed model (about 0.85-0.97 held-out
+    against majority baselines of about 0.3-0.4); an image-blind model cannot pass this."""
     torch.set_num_threads(1)
     d = toy_vlm_path()
     model = AutoModelForImageTextToText.from_pretrained(d).eval()
     processor = AutoProcessor.from_pretrained(d)
     assert model.config.text_config.num_hidden_layers >= 8
     rng = random.Random(HELD_OUT_SEED)
-    records = [from_sample(generate_sample(rng, {"color": 1, "count": 1}), str(i)) for i in range(32)]
+    records = [
+        from_sample(generate_sample(rng, {"color": 1, "count": 1, "shape": 1}), str(i)) for i in range(48)
+    ]
     res = evaluate_exact_match(model, processor, records, batch_size=len(records))
-    assert res.overall >= 0.5, res.per_type
-    assert res.overall >= majority_baseline(records)["overall"] + 0.15, res.per_type
+    assert res.overall >= 0.75, res.per_type
+    assert res.overall >= majority_baseline(records)["overall"] + 0.4, res.per_type
     # The same questions on an empty image: the answers must change (visual dependence).
     blank = evaluate_exact_match(
         model,
@@ -51,7 +53,7 @@ def test_committed_model_answers_held_out_questions():
         batch_size=len(records),
         image_transform=lambda im: Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND),
     )
-    assert blank.overall <= res.overall - 0.25, (blank.per_type, res.per_type)
+    assert blank.overall <= res.overall - 0.4, (blank.per_type, res.per_type)
 
 
 def test_load_toy_vlm_helper():

@@ -151,3 +151,35 @@ def test_prompt_order_option():
     assert text.index("how many") < text.index("<image>") and text.endswith("ASSISTANT:")
     with pytest.raises(ValueError, match="prompt_order"):
         build_processor(ToyArchConfig(prompt_order="sideways"))
+
+
+def test_training_is_deterministic_for_a_seed_and_saves_a_finished_model(tmp_path):
+    """Two short multi-question runs from the same config give bit-identical weights."""
+    from safetensors.torch import load_file
+
+    from vtw_train.toy.build import miniature_arch
+    from vtw_train.toy.config import PhaseConfig, ToyBuildConfig, TrainConfig
+    from vtw_train.toy.train import train
+
+    cfg = ToyBuildConfig(
+        arch=miniature_arch(),
+        train=TrainConfig(
+            steps=3,
+            batch_size=4,
+            questions_per_image=3,
+            warmup_steps=1,
+            eval_every=3,
+            eval_samples=8,
+            checkpoint_every=3,
+            curriculum=[
+                PhaseConfig(until_fraction=0.5, type_weights={"color": 1}, min_objects=1, max_objects=1)
+            ],
+        ),
+    )
+    acc = train(cfg, tmp_path / "a")
+    train(cfg, tmp_path / "b")
+    assert set(acc) >= {"overall"} and 0.0 <= acc["overall"] <= 1.0
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    info = json.loads((tmp_path / "a" / "training_info.json").read_text())
+    assert info["step"] == info["steps"] == 3

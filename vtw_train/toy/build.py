@@ -20,16 +20,16 @@ from transformers import (
     LlavaProcessor,
 )
 
-from vtw_train.data.synthetic import BACKGROUND, CELL, IMAGE_SIZE
+from vtw_train.data.synthetic import BACKGROUND, IMAGE_SIZE, PATCH
 from vtw_train.toy.tokenizer import CHAT_TEMPLATE, CHAT_TEMPLATE_QUESTION_FIRST, build_tokenizer
 
 
 @dataclass
 class ToyArchConfig:
-    """Architecture of the toy VLM (defaults: the committed model)."""
+    """Architecture of the toy VLM (the committed model's values are in ``configs/toy_vlm.yaml``)."""
 
     image_size: int = IMAGE_SIZE
-    patch_size: int = CELL
+    patch_size: int = PATCH
     vision_hidden: int = 128
     vision_layers: int = 4
     vision_heads: int = 4
@@ -49,7 +49,11 @@ class ToyArchConfig:
     patch_init_std: float = 0.072
     #: Normalise images around the synthetic background colour, so empty patches embed to ~0.
     background_mean: bool = True
-    #: Chat template order: "image_first" (LLaVA-1.5 eval style) or "question_first".
+    #: Chat template order: "image_first" (LLaVA-1.5 eval style) or "question_first" (also in
+    #: LLaVA-1.5's training data). With the question first, each visual token can already
+    #: tell whether it is the object asked about, which the decoder learns much sooner than
+    #: searching 64 tokens from the question's end; later turns of a conversation still come
+    #: after the image.
     prompt_order: str = "image_first"
 
 

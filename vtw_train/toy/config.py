@@ -27,6 +27,9 @@ class TrainConfig:
     seed: int = 0
     steps: int = 3000
     batch_size: int = 32
+    #: Questions asked about each training image, as one multi-turn conversation (the
+    #: answers are 1-2 tokens, so more questions per image give more signal per step).
+    questions_per_image: int = 1
     lr: float = 3e-4
     warmup_steps: int = 30
     #: Fraction of the run held at the peak learning rate before the cosine decay.

@@ -20,8 +20,8 @@ import torch
 from tqdm import tqdm
 
 from vtw_train.data.collate import IGNORE_INDEX, VLMCollator
-from vtw_train.data.records import from_sample
-from vtw_train.data.synthetic import QUESTION_TYPES, generate_sample, generate_samples
+from vtw_train.data.records import from_conversation, from_sample
+from vtw_train.data.synthetic import QUESTION_TYPES, generate_conversation, generate_samples
 from vtw_train.toy.build import build_model, build_processor
 from vtw_train.toy.config import ToyBuildConfig
 
@@ -126,7 +126,10 @@ def train(cfg: ToyBuildConfig, out_dir: Path, log_path: Path | None = None) -> d
     bar = tqdm(range(tc.steps), desc="toy-vlm", dynamic_ncols=True, mininterval=5)
     for step in bar:
         phase = phase_at(step, tc)
-        recs = [from_sample(generate_sample(rng, **phase)) for _ in range(tc.batch_size)]
+        recs = [
+            from_conversation(generate_conversation(rng, tc.questions_per_image, **phase))
+            for _ in range(tc.batch_size)
+        ]
         batch = collate(recs)
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
