@@ -51,9 +51,9 @@ class ToyArchConfig:
     background_mean: bool = True
     #: Chat template order: "image_first" (LLaVA-1.5 eval style) or "question_first" (also in
     #: LLaVA-1.5's training data). With the question first, each visual token can already
-    #: tell whether it is the object asked about, which the decoder learns much sooner than
-    #: searching 64 tokens from the question's end; later turns of a conversation still come
-    #: after the image.
+    #: tell whether it is the object asked about (in our runs this learned faster than
+    #: searching 64 tokens from the question's end); later turns of a conversation still
+    #: come after the image.
     prompt_order: str = "image_first"
 
 
