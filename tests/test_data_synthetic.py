@@ -161,3 +161,22 @@ def test_conversation_asks_distinct_questions_about_one_scene():
     assert (a[0].question, a[0].answer, a[0].scene) == (b.question, b.answer, b.scene)
     with pytest.raises(ValueError, match="n_questions"):
         syn.generate_conversation(rng, 0)
+
+
+def test_ensure_dataset_writes_once_rewrites_stale_and_never_overwrites_foreign_files(tmp_path):
+    path = tmp_path / "d" / "train.jsonl"
+    assert syn.ensure_dataset(path, 5, seed=1) is True
+    first = path.read_text()
+    assert syn.ensure_dataset(path, 5, seed=1) is False and path.read_text() == first
+    # Other settings, or a file from an older generator version: rewritten, not reused.
+    assert syn.ensure_dataset(path, 7, seed=1) is True and len(path.read_text().splitlines()) == 7
+    sidecar = path.with_name(path.name + ".synthetic.json")
+    sidecar.write_text(json.dumps({"generator_version": 1, "n": 7, "seed": 1}))
+    assert syn.ensure_dataset(path, 7, seed=1) is True
+    assert json.loads(sidecar.read_text())["generator_version"] == syn.GENERATOR_VERSION
+    # A user's own file at that path is refused, with the way out.
+    own = tmp_path / "own.jsonl"
+    own.write_text("{}\n")
+    with pytest.raises(FileExistsError, match="own.jsonl.*not written by the synthetic generator"):
+        syn.ensure_dataset(own, 5, seed=1)
+    assert own.read_text() == "{}\n"

@@ -109,7 +109,7 @@ class EvaluateRun:
 
 def ensure_synthetic_data(data: EvalData) -> None:
     """Write the synthetic evaluation / calibration files that are missing (and asked for)."""
-    from ..data.synthetic import generate_dataset
+    from ..data.synthetic import ensure_dataset
 
     synthetic = data.synthetic
     if synthetic.calibration_samples and data.calibration_path is None:
@@ -120,9 +120,8 @@ def ensure_synthetic_data(data: EvalData) -> None:
     if data.calibration_path is not None:
         jobs.append((data.calibration_path, synthetic.calibration_samples, synthetic.calibration_seed))
     for path, n, seed in jobs:
-        if n and not Path(path).exists():
-            print(f"writing {n} synthetic VQA samples (seed {seed}) to {path} ...")
-            generate_dataset(Path(path).parent, n, seed=seed, filename=Path(path).name)
+        if n:
+            ensure_dataset(path, n, seed)
 
 
 def load_records(data: EvalData, calibration_needed: int) -> tuple[list[VQARecord], list[VQARecord]]:

@@ -71,15 +71,14 @@ class RunOptions:
 
 
 def ensure_synthetic_data(datamodule: VLMDataModule, synthetic: SyntheticData) -> None:
-    from ..data.synthetic import generate_dataset
+    from ..data.synthetic import ensure_dataset
 
     for path, n, seed in (
         (datamodule.train_path, synthetic.train_samples, synthetic.train_seed),
         (datamodule.val_path, synthetic.val_samples, synthetic.val_seed),
     ):
-        if n and path is not None and not Path(path).exists():
-            print(f"writing {n} synthetic VQA samples (seed {seed}) to {path} ...")
-            generate_dataset(Path(path).parent, n, seed=seed, filename=Path(path).name)
+        if n and path is not None:
+            ensure_dataset(path, n, seed)
 
 
 def processor_dir(model_path: str) -> str:

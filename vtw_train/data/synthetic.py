@@ -331,6 +331,45 @@ def sample_record(sample: Sample, sample_id: str, image_rel: str) -> dict:
     }
 
 
+#: Bumped whenever the same seed would give different scenes, questions or pixels, so that
+#: files written by an older generator are regenerated rather than silently reused.
+GENERATOR_VERSION = 2
+_SIDECAR_SUFFIX = ".synthetic.json"
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + _SIDECAR_SUFFIX)
+
+
+def ensure_dataset(path: str | os.PathLike, n: int, seed: int) -> bool:
+    """Make ``path`` hold exactly the synthetic dataset (n, seed) of this generator version.
+
+    Returns True when it (re)wrote the files. A file that this function wrote earlier with other
+    settings or an older generator is rewritten, saying why; a file it did not write (no sidecar
+    record) is never overwritten: that raises, naming the file and the two ways out.
+    """
+    path = Path(path)
+    want = {"generator_version": GENERATOR_VERSION, "n": n, "seed": seed}
+    sidecar = _sidecar(path)
+    if path.exists():
+        if not sidecar.exists():
+            raise FileExistsError(
+                f"{path} exists but was not written by the synthetic generator (no {sidecar.name}); "
+                "delete it to have it generated, or set the config's synthetic sample count to 0 to use it as is"
+            )
+        have = json.loads(sidecar.read_text())
+        if have == want:
+            return False
+        print(f"rewriting {path}: it holds synthetic data {have}, the config asks for {want}")
+    else:
+        print(f"writing {n} synthetic VQA samples (seed {seed}) to {path} ...")
+    generate_dataset(path.parent, n, seed=seed, filename=path.name)
+    tmp = sidecar.with_suffix(".tmp")
+    tmp.write_text(json.dumps(want) + "\n")
+    os.replace(tmp, sidecar)
+    return True
+
+
 def generate_dataset(
     out_dir: str | os.PathLike,
     n: int,
@@ -369,6 +408,7 @@ __all__: Sequence[str] = [
     "Scene",
     "SceneObject",
     "answer_normalize",
+    "ensure_dataset",
     "generate_conversation",
     "generate_dataset",
     "generate_sample",
