@@ -406,6 +406,20 @@ class _Encoded:
     selections: list[list[TokenSelection]]
     importance: list[list[torch.Tensor]]
 
+    def add(
+        self,
+        features: torch.Tensor,
+        kept_index: torch.Tensor,
+        selections: list[TokenSelection],
+        importance: list[torch.Tensor],
+    ) -> None:
+        """One image: its unpruned feature rows, the rows kept, and how they were chosen."""
+        self.features.append(features[kept_index])
+        self.original.append(features.shape[0])
+        self.kept_index.append(kept_index)
+        self.selections.append(selections)
+        self.importance.append(importance)
+
 
 def _warn_no_pruning(notes: list[str], num_tokens: int, count: int, what: str) -> None:
     note = (
@@ -432,11 +446,7 @@ def _encode_llava(model: Any, inputs: Mapping[str, Any], num_tokens: int, ratio:
         if num_tokens > feats.shape[0]:
             _warn_no_pruning(notes, num_tokens, feats.shape[0], "an image")
         sel = select_visual_tokens(importance[i], features[i], num_tokens, ratio)
-        enc.features.append(feats[sel.kept])
-        enc.original.append(feats.shape[0])
-        enc.kept_index.append(sel.kept)
-        enc.selections.append([sel])
-        enc.importance.append([importance[i]])
+        enc.add(feats, sel.kept, [sel], [importance[i]])
     return enc
 
 
@@ -503,11 +513,7 @@ def _encode_llava_next(
             raise RuntimeError(
                 f"image {i}: {pooled[i].shape[0]} features but a layout of {layout.numel()} tokens"
             )
-        enc.features.append(pooled[i][kept_index])
-        enc.original.append(pooled[i].shape[0])
-        enc.kept_index.append(kept_index)
-        enc.selections.append(sels)
-        enc.importance.append(imps)
+        enc.add(pooled[i], kept_index, sels, imps)
         first += n_crops
     return enc
 
@@ -548,11 +554,7 @@ def _encode_qwen2_vl(model: Any, inputs: Mapping[str, Any], num_tokens: int, rat
         if num_tokens > feats.shape[0]:
             _warn_no_pruning(notes, num_tokens, feats.shape[0], "an image")
         sel = select_visual_tokens(importance[i], feats.detach(), num_tokens, ratio)
-        enc.features.append(feats[sel.kept])
-        enc.original.append(feats.shape[0])
-        enc.kept_index.append(sel.kept)
-        enc.selections.append([sel])
-        enc.importance.append([importance[i]])
+        enc.add(feats, sel.kept, [sel], [importance[i]])
     return enc
 
 
