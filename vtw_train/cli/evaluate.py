@@ -36,6 +36,7 @@ from ..harness import (
     summary_markdown,
     write_reports,
 )
+from ..harness.report import PER_TYPE_COLUMNS, STRATEGY_TABLE_COLUMNS, per_type_table
 from ..models import ModelSpec, load_model
 from .config import parse_config
 
@@ -211,26 +212,13 @@ def log_to_wandb(run: EvaluateRun, result: HarnessResult, plot: Path, out_dir: P
         job_type="evaluate",
     )
     try:
-        columns = ["strategy", "method", "accuracy", "agreement", "flops_ratio", "time_ratio", "kv_bytes"]
-        per_type = [
-            [s.name, s.method, t, g.n, g.accuracy, g.agreement, g.flops_ratio]
-            for s in result.strategies
-            for t, g in s.per_type.items()
-        ]
         session.log(
             {
-                "evaluate/strategies": wandb.Table(columns=columns, data=strategy_table(result)),
+                "evaluate/strategies": wandb.Table(
+                    columns=list(STRATEGY_TABLE_COLUMNS), data=strategy_table(result)
+                ),
                 "evaluate/per_question_type": wandb.Table(
-                    columns=[
-                        "strategy",
-                        "method",
-                        "question_type",
-                        "n",
-                        "accuracy",
-                        "agreement",
-                        "flops_ratio",
-                    ],
-                    data=per_type,
+                    columns=list(PER_TYPE_COLUMNS), data=per_type_table(result)
                 ),
                 "evaluate/accuracy_vs_flops": wandb.Image(str(plot)),
             }

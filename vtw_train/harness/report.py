@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.records import VQARecord
-from .results import BudgetVerdict, HarnessResult, budget_verdict
+from .results import BudgetVerdict, HarnessResult, StrategyResult, budget_verdict
 
 OVERALL = "overall"
 CSV_COLUMNS = (
@@ -32,6 +32,17 @@ CSV_COLUMNS = (
     "peak_memory_bytes",
     "mean_exit_layer",
     "settings",
+)
+#: The CSV's per-question-type columns (the rest are batch-level and stay empty there).
+PER_TYPE_COLUMNS = CSV_COLUMNS[:7]
+STRATEGY_TABLE_COLUMNS = (
+    "strategy",
+    "method",
+    "accuracy",
+    "agreement",
+    "flops_ratio",
+    "time_ratio",
+    "kv_bytes",
 )
 
 
@@ -71,20 +82,16 @@ def csv_rows(result: HarnessResult) -> list[dict[str, Any]]:
                 "settings": json.dumps(s.settings, sort_keys=True),
             }
         )
-        for qtype, g in s.per_type.items():
-            rows.append(
-                {
-                    **{c: "" for c in CSV_COLUMNS},
-                    "strategy": s.name,
-                    "method": s.method,
-                    "question_type": qtype,
-                    "n": g.n,
-                    "accuracy": g.accuracy,
-                    "agreement": g.agreement,
-                    "flops_ratio": g.flops_ratio,
-                }
-            )
+        for row in _per_type_rows(s):
+            rows.append({**{c: "" for c in CSV_COLUMNS}, **dict(zip(PER_TYPE_COLUMNS, row, strict=True))})
     return rows
+
+
+def _per_type_rows(s: StrategyResult) -> list[list[Any]]:
+    return [
+        [s.name, s.method, qtype, g.n, g.accuracy, g.agreement, g.flops_ratio]
+        for qtype, g in s.per_type.items()
+    ]
 
 
 def budget_sentence(verdict: BudgetVerdict) -> str:
@@ -207,11 +214,16 @@ def write_reports(
 
 
 def strategy_table(result: HarnessResult) -> list[list[Any]]:
-    """Rows for W&B: name, method, accuracy, agreement, FLOPs ratio, time ratio, KV bytes."""
+    """Rows for W&B, one per strategy, in ``STRATEGY_TABLE_COLUMNS``."""
     return [
         [s.name, s.method, s.accuracy, s.agreement, s.flops_ratio, _none(s.time_ratio), s.kv_bytes]
         for s in result.strategies
     ]
+
+
+def per_type_table(result: HarnessResult) -> list[list[Any]]:
+    """Rows for W&B, one per strategy and question type, in ``PER_TYPE_COLUMNS``."""
+    return [row for s in result.strategies for row in _per_type_rows(s)]
 
 
 def _none(value: float) -> float | None:
