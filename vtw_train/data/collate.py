@@ -133,25 +133,28 @@ class VLMCollator:
         Why not just run the processor on every prefix: that preprocesses every image once
         per assistant turn, which dominated collation time for multi-turn data. A prefix
         holding none of its record's images, or all of them, goes through the tokenizer
-        alone, as the processor would tokenize it (each placeholder stays one token) and corrected by the record's image-token count
-        from the full batch (``image_tokens``). Only a prefix holding some but not all of a
-        record's images, whose per-image expansion may differ, goes through the processor
-        with those images.
+        alone, as the processor would tokenize it (each placeholder stays one token), and is
+        corrected by the record's image-token count from the full batch (``image_tokens``).
+        Only a prefix holding some but not all of a record's images, whose per-image
+        expansion may differ, goes through the processor with those images.
         """
+        placeholders = [tx.count(self._image_marker) for tx in texts]
         out: list[int | None] = [None] * len(texts)
         text_only, slow = [], []
-        for i, (tx, ims, n_tok) in enumerate(zip(texts, images, image_tokens, strict=True)):
-            k = tx.count(self._image_marker)
+        for i, (k, ims, n_tok) in enumerate(zip(placeholders, images, image_tokens, strict=True)):
             (text_only if k == 0 or (n_tok is not None and k == len(ims)) else slow).append(i)
         if text_only:
             tok = getattr(self.processor, "tokenizer", self.processor)
             counts = [len(ids) for ids in tok([texts[i] for i in text_only])["input_ids"]]
             for i, n in zip(text_only, counts, strict=True):
-                k = texts[i].count(self._image_marker)
+                k = placeholders[i]
                 out[i] = n + (image_tokens[i] - k if k else 0)
         for i in slow:
-            k = texts[i].count(self._image_marker)
-            out[i] = self._process([texts[i]], images[i][:k], "right")["attention_mask"].sum().item()
+            out[i] = (
+                self._process([texts[i]], images[i][: placeholders[i]], "right")["attention_mask"]
+                .sum()
+                .item()
+            )
         return out  # type: ignore[return-value]
 
     @property

@@ -69,12 +69,7 @@ def load_image(img: Path | Image.Image) -> Image.Image:
 
 def from_sample(sample, sample_id: str = "") -> VQARecord:
     """Record for an in-memory synthetic :class:`~vtw_train.data.synthetic.Sample`."""
-    return VQARecord(
-        id=sample_id,
-        images=[sample.image()],
-        turns=[Turn("user", f"{IMAGE_PLACEHOLDER}\n{sample.question}"), Turn("assistant", sample.answer)],
-        question_type=sample.question_type,
-    )
+    return from_conversation([sample], sample_id)
 
 
 def from_conversation(samples, sample_id: str = "") -> VQARecord:

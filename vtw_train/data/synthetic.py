@@ -238,6 +238,13 @@ def make_question(scene: Scene, qtype: str, rng: random.Random) -> tuple[str, st
     raise ValueError(f"unknown question type {qtype!r}; known: {QUESTION_TYPES}")
 
 
+def _draw_type(rng: random.Random, type_weights: Mapping[str, float] | None) -> str:
+    """A question type, uniform over all types unless weighted (one ``rng.choices`` call)."""
+    types = list(type_weights) if type_weights else list(QUESTION_TYPES)
+    weights = [type_weights[t] for t in types] if type_weights else None
+    return rng.choices(types, weights=weights)[0]
+
+
 def generate_sample(
     rng: random.Random,
     type_weights: Mapping[str, float] | None = None,
@@ -252,9 +259,7 @@ def generate_sample(
     """
     if not 1 <= min_objects <= max_objects <= MAX_OBJECTS:
         raise ValueError(f"need 1 <= min_objects <= max_objects <= {MAX_OBJECTS}")
-    types = list(type_weights) if type_weights else list(QUESTION_TYPES)
-    weights = [type_weights[t] for t in types] if type_weights else None
-    qtype = rng.choices(types, weights=weights)[0]
+    qtype = _draw_type(rng, type_weights)
     if max_objects < 2 and qtype in ("spatial", "same_size"):
         raise ValueError(f"question type {qtype!r} needs scenes with at least two objects")
     while True:
@@ -283,12 +288,10 @@ def generate_conversation(
         raise ValueError(f"n_questions must be >= 1, got {n_questions}")
     first = generate_sample(rng, type_weights, min_objects, max_objects)
     out = [first]
-    types = list(type_weights) if type_weights else list(QUESTION_TYPES)
-    weights = [type_weights[t] for t in types] if type_weights else None
     attempts = 0
     while len(out) < n_questions and attempts < 8 * n_questions:
         attempts += 1
-        qtype = rng.choices(types, weights=weights)[0]
+        qtype = _draw_type(rng, type_weights)
         qa = make_question(first.scene, qtype, rng)
         if qa is None or any(qa[0] == s.question for s in out):
             continue
