@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .atomic_write import write_text_atomically
 from .engine.controller import attach
 from .engine.sweep import exit_sweep
 from .fingerprint import data_fingerprint, model_fingerprint
@@ -81,13 +81,7 @@ class CalibrationRecord:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically: a crash never leaves a half-written record behind."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".vtw_calibration.", suffix=".json")
-        with os.fdopen(fd, "w") as handle:
-            handle.write(self.to_json() + "\n")
-        os.replace(tmp, path)
-        return path
+        return write_text_atomically(path, self.to_json() + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> CalibrationRecord:

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from vtw_train.atomic_write import write_text_atomically
+
 GRID = 4
 CELL = 16
 IMAGE_SIZE = GRID * CELL
@@ -367,9 +369,7 @@ def ensure_dataset(path: str | os.PathLike, n: int, seed: int) -> bool:
     else:
         print(f"writing {n} synthetic VQA samples (seed {seed}) to {path} ...")
     generate_dataset(path.parent, n, seed=seed, filename=path.name)
-    tmp = sidecar.with_suffix(".tmp")
-    tmp.write_text(json.dumps(want) + "\n")
-    os.replace(tmp, sidecar)
+    write_text_atomically(sidecar, json.dumps(want) + "\n")
     return True
 
 
