@@ -154,15 +154,19 @@ def test_prompt_order_option():
 
 
 def test_training_is_deterministic_for_a_seed_and_saves_a_finished_model(tmp_path):
-    """Two short multi-question runs from the same config give bit-identical weights."""
+    """Two short runs (vision stage, then multi-question VLM stage) give bit-identical weights,
+    and a frozen tower leaves the VLM stage with exactly the tower stage 0 trained."""
     from safetensors.torch import load_file
 
     from vtw_train.toy.build import miniature_arch
     from vtw_train.toy.config import PhaseConfig, ToyBuildConfig, TrainConfig
     from vtw_train.toy.train import train
+    from vtw_train.toy.vision_pretrain import VisionPretrainConfig, pretrain_vision_tower
 
+    vision = VisionPretrainConfig(steps=2, batch_size=4, warmup_steps=1)
     cfg = ToyBuildConfig(
         arch=miniature_arch(),
+        vision_pretrain=vision,
         train=TrainConfig(
             steps=3,
             batch_size=4,
@@ -183,3 +187,10 @@ def test_training_is_deterministic_for_a_seed_and_saves_a_finished_model(tmp_pat
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     info = json.loads((tmp_path / "a" / "training_info.json").read_text())
     assert info["step"] == info["steps"] == 3
+    processor = build_processor(cfg.arch)
+    stage0 = build_model(cfg.arch, processor.tokenizer, seed=0)
+    pretrain_vision_tower(stage0, processor.image_processor, vision, seed=0)
+    tower = {k: v for k, v in stage0.state_dict().items() if k.startswith("model.vision_tower.")}
+    assert all(torch.equal(a[k.removeprefix("model.")], v) for k, v in tower.items())
+    fresh = build_model(cfg.arch, processor.tokenizer, seed=0).state_dict()
+    assert any(not torch.equal(fresh[k], v) for k, v in tower.items())

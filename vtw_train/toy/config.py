@@ -10,6 +10,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from vtw_train.toy.build import ToyArchConfig
+from vtw_train.toy.vision_pretrain import VisionPretrainConfig
 
 
 @dataclass
@@ -51,6 +52,8 @@ class TrainConfig:
 class ToyBuildConfig:
     arch: ToyArchConfig = field(default_factory=ToyArchConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    #: Stage 0: the vision tower learns to describe each patch before the VLM trains.
+    vision_pretrain: VisionPretrainConfig = field(default_factory=VisionPretrainConfig)
     #: Where the model is written; null means the packaged ``vtw_train/toy/toy_vlm``.
     output_dir: str | None = None
 

@@ -24,6 +24,7 @@ from vtw_train.data.records import from_conversation, from_sample
 from vtw_train.data.synthetic import QUESTION_TYPES, generate_conversation, generate_samples
 from vtw_train.toy.build import build_model, build_processor
 from vtw_train.toy.config import ToyBuildConfig
+from vtw_train.toy.vision_pretrain import pretrain_vision_tower
 
 
 def lr_factor(step: int, cfg) -> float:
@@ -95,12 +96,20 @@ def train(cfg: ToyBuildConfig, out_dir: Path, log_path: Path | None = None) -> d
     torch.manual_seed(tc.seed)
     processor = build_processor(cfg.arch)
     model = build_model(cfg.arch, processor.tokenizer, seed=tc.seed)
+    vp = cfg.vision_pretrain
+    if vp.steps > 0:
+        probe_acc = pretrain_vision_tower(model, processor.image_processor, vp, seed=tc.seed)
+        tqdm.write(json.dumps({"vision_pretrain_patch_accuracy": probe_acc}))
+        if vp.freeze_after:
+            model.model.vision_tower.requires_grad_(False)
     model.train()
     n_vis = (cfg.arch.image_size // cfg.arch.patch_size) ** 2
     collate = VLMCollator(processor, "train", expected_image_tokens=n_vis)
 
     decay, no_decay = [], []
     for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
         (no_decay if p.ndim < 2 or "norm" in n or "embedding" in n else decay).append(p)
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -134,7 +143,7 @@ def train(cfg: ToyBuildConfig, out_dir: Path, log_path: Path | None = None) -> d
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tc.grad_clip)
         opt.step()
         sched.step()
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
