@@ -7,8 +7,11 @@ import pytest
 from vtw_train.evaluation import PolicyResult, gate_verdicts
 
 
-def _row(name: str, acc: float, flops: float) -> PolicyResult:
-    return PolicyResult(name=name, accuracy=acc, per_type={}, flops_ratio=flops, mean_exit_layer=0.0)
+def _row(name: str, acc: float, flops: float, role: str | None = None) -> PolicyResult:
+    role = role or ("gate" if name.startswith("gate") else "fixed_k" if "fixed K" in name else "full")
+    return PolicyResult(
+        name=name, accuracy=acc, per_type={}, flops_ratio=flops, mean_exit_layer=0.0, role=role
+    )
 
 
 def test_verdicts_pick_cheapest_close_gate_and_best_cheap_gate():
@@ -39,3 +42,13 @@ def test_verdicts_say_when_no_gate_qualifies():
     for v in verdicts:
         assert v.same_accuracy is None and v.same_flops is None
         assert "no gate threshold reaches" in v.line() and "no gate threshold is as cheap" in v.line()
+
+
+def test_verdicts_go_by_role_not_by_display_name():
+    rows = [
+        _row("baseline at layer 3", 0.9, 0.5, role="fixed_k"),
+        _row("gate tau=0.5 (not a gate row)", 0.99, 0.1, role="other"),
+        _row("learned exit, strict", 0.91, 0.4, role="gate"),
+    ]
+    (v,) = gate_verdicts(rows)
+    assert v.baseline == "baseline at layer 3" and v.same_accuracy == v.same_flops == "learned exit, strict"

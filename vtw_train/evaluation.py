@@ -25,6 +25,9 @@ from .gate import ExitGate, GateExitRule
 
 @dataclass
 class PolicyResult:
+    """One policy's row. ``role`` ("full", "fixed_k" or "gate") is what :func:`gate_verdicts`
+    compares by, so display names can change freely."""
+
     name: str
     accuracy: float
     per_type: dict[str, float]
@@ -32,6 +35,7 @@ class PolicyResult:
     mean_exit_layer: float
     exit_histogram: dict[int, int] = field(default_factory=dict)
     predictions: list[str] = field(default_factory=list)
+    role: str = "other"
 
 
 class _RecordingModel:
@@ -76,6 +80,7 @@ def evaluate_policy(
     records: Sequence[VQARecord],
     batch_size: int = 32,
     max_new_tokens: int = 8,
+    role: str = "other",
 ) -> PolicyResult:
     """Exact match and FLOPs of whatever exit policy ``model``'s controller is set to."""
     recorder = _RecordingModel(model)
@@ -91,6 +96,7 @@ def evaluate_policy(
         mean_exit_layer=sum(recorder.exits) / n,
         exit_histogram=dict(sorted(Counter(recorder.exits).items())),
         predictions=result.predictions,
+        role=role,
     )
 
 
@@ -115,7 +121,7 @@ def compare_policies(
         with disable() if callable(disable) else nullcontext():
             controller.exit_layer = None
             results.append(
-                evaluate_policy("full model", model, processor, records, batch_size, max_new_tokens)
+                evaluate_policy("full model", model, processor, records, batch_size, max_new_tokens, "full")
             )
             if fixed_exit_layer is not None:
                 controller.exit_layer = fixed_exit_layer
@@ -127,6 +133,7 @@ def compare_policies(
                         records,
                         batch_size,
                         max_new_tokens,
+                        "fixed_k",
                     )
                 )
         if fixed_exit_layer is not None and callable(disable):
@@ -139,6 +146,7 @@ def compare_policies(
                     records,
                     batch_size,
                     max_new_tokens,
+                    "fixed_k",
                 )
             )
         if gate is not None:
@@ -148,7 +156,7 @@ def compare_policies(
                 controller.dynamic_exit = rule
                 results.append(
                     evaluate_policy(
-                        f"gate tau={tau:g}", model, processor, records, batch_size, max_new_tokens
+                        f"gate tau={tau:g}", model, processor, records, batch_size, max_new_tokens, "gate"
                     )
                 )
     finally:
@@ -188,9 +196,9 @@ class GateVerdict:
 
 def gate_verdicts(results: Sequence[PolicyResult], tolerance: float = 0.005) -> list[GateVerdict]:
     """Compare every gate row with every fixed-K row (training-free VTW and LoRA at the same K)."""
-    gates = [r for r in results if r.name.startswith("gate")]
+    gates = [r for r in results if r.role == "gate"]
     out = []
-    for base in (r for r in results if "fixed K" in r.name):
+    for base in (r for r in results if r.role == "fixed_k"):
         close = [g for g in gates if g.accuracy >= base.accuracy - tolerance]
         cheap = [g for g in gates if g.flops_ratio <= base.flops_ratio + 1e-9]
         best_a = min(close, key=lambda g: g.flops_ratio, default=None)
