@@ -69,6 +69,15 @@ class SceneObject:
     def name(self) -> str:
         return f"{self.color} {self.shape}"
 
+    @property
+    def box(self) -> tuple[int, int, int]:
+        """(top, left, side) in pixels of the square the object is drawn in: its whole cell when
+        large, its quadrant's patch when small. The one place that says where an object sits."""
+        top, left = self.row * CELL, self.col * CELL
+        if self.size == "large":
+            return top, left, CELL
+        return top + (self.quadrant // 2) * PATCH, left + (self.quadrant % 2) * PATCH, PATCH
+
 
 @dataclass(frozen=True)
 class Scene:
@@ -142,10 +151,8 @@ def render_scene(scene: Scene) -> Image.Image:
     img[:] = BACKGROUND
     for o in scene.objects:
         mask = _MASKS[(o.shape, o.size)]
-        y, x = o.row * CELL, o.col * CELL
-        if o.size == "small":
-            y, x = y + (o.quadrant // 2) * PATCH, x + (o.quadrant % 2) * PATCH
-        img[y : y + mask.shape[0], x : x + mask.shape[1]][mask] = COLORS[o.color]
+        y, x, side = o.box
+        img[y : y + side, x : x + side][mask] = COLORS[o.color]
     return Image.fromarray(img, "RGB")
 
 

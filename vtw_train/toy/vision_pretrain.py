@@ -61,26 +61,18 @@ class VisionPretrainConfig:
 def patch_targets(scene: Scene, patches_per_side: int = IMAGE_SIZE // PATCH) -> dict[str, torch.Tensor]:
     """Per-patch class indices (row-major over the patch grid) for every attribute in TARGETS."""
     n = patches_per_side * patches_per_side
-    per_cell = CELL // PATCH
-    out = {k: torch.zeros(n, dtype=torch.long) for k in TARGETS}
-    pr = torch.arange(n) // patches_per_side
-    pc = torch.arange(n) % patches_per_side
-    out["row"] = pr // per_cell
-    out["col"] = pc % patches_per_side // per_cell
+    patch = torch.arange(n)
+    out = {k: torch.zeros(n, dtype=torch.long) for k in ("color", "shape", "size")}
+    out["row"] = patch // patches_per_side * PATCH // CELL
+    out["col"] = patch % patches_per_side * PATCH // CELL
     for o in scene.objects:
-        if o.size == "large":
-            cells = [
-                (o.row * per_cell + dr, o.col * per_cell + dc)
-                for dr in range(per_cell)
-                for dc in range(per_cell)
-            ]
-        else:
-            cells = [(o.row * per_cell + o.quadrant // 2, o.col * per_cell + o.quadrant % 2)]
-        for r, c in cells:
-            i = r * patches_per_side + c
-            out["color"][i] = list(COLORS).index(o.color) + 1
-            out["shape"][i] = SHAPES.index(o.shape) + 1
-            out["size"][i] = SIZES.index(o.size) + 1
+        top, left, side = o.box
+        for r in range(top // PATCH, (top + side) // PATCH):
+            for c in range(left // PATCH, (left + side) // PATCH):
+                i = r * patches_per_side + c
+                out["color"][i] = list(COLORS).index(o.color) + 1
+                out["shape"][i] = SHAPES.index(o.shape) + 1
+                out["size"][i] = SIZES.index(o.size) + 1
     return out
 
 
