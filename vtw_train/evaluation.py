@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -21,6 +21,9 @@ from .data.records import VQARecord
 from .distill import sample_flops_ratios
 from .engine import attach
 from .gate import ExitGate, GateExitRule
+
+#: How :func:`gate_verdicts` treats a row: the reference, a fixed exit layer, or a gate threshold.
+PolicyRole = Literal["full", "fixed_k", "gate", "other"]
 
 
 @dataclass
@@ -35,7 +38,7 @@ class PolicyResult:
     mean_exit_layer: float
     exit_histogram: dict[int, int] = field(default_factory=dict)
     predictions: list[str] = field(default_factory=list)
-    role: str = "other"
+    role: PolicyRole = "other"
 
 
 class _RecordingModel:
@@ -80,7 +83,7 @@ def evaluate_policy(
     records: Sequence[VQARecord],
     batch_size: int = 32,
     max_new_tokens: int = 8,
-    role: str = "other",
+    role: PolicyRole = "other",
 ) -> PolicyResult:
     """Exact match and FLOPs of whatever exit policy ``model``'s controller is set to."""
     recorder = _RecordingModel(model)
@@ -116,49 +119,26 @@ def compare_policies(
     disable = getattr(model, "disable_adapter", None)
     saved = (controller.exit_layer, controller.dynamic_exit)
     results = []
+
+    def run(name: str, role: PolicyRole) -> None:
+        results.append(evaluate_policy(name, model, processor, records, batch_size, max_new_tokens, role))
+
     try:
         controller.dynamic_exit = None
         with disable() if callable(disable) else nullcontext():
             controller.exit_layer = None
-            results.append(
-                evaluate_policy("full model", model, processor, records, batch_size, max_new_tokens, "full")
-            )
+            run("full model", "full")
             if fixed_exit_layer is not None:
                 controller.exit_layer = fixed_exit_layer
-                results.append(
-                    evaluate_policy(
-                        f"VTW fixed K={fixed_exit_layer}",
-                        model,
-                        processor,
-                        records,
-                        batch_size,
-                        max_new_tokens,
-                        "fixed_k",
-                    )
-                )
+                run(f"VTW fixed K={fixed_exit_layer}", "fixed_k")
         if fixed_exit_layer is not None and callable(disable):
             controller.exit_layer = fixed_exit_layer  # what distillation alone buys at the same K
-            results.append(
-                evaluate_policy(
-                    f"LoRA + fixed K={fixed_exit_layer}",
-                    model,
-                    processor,
-                    records,
-                    batch_size,
-                    max_new_tokens,
-                    "fixed_k",
-                )
-            )
+            run(f"LoRA + fixed K={fixed_exit_layer}", "fixed_k")
         if gate is not None:
             controller.exit_layer = None
             for tau in taus or [gate.config.tau]:
-                rule = GateExitRule(gate, tau=tau)
-                controller.dynamic_exit = rule
-                results.append(
-                    evaluate_policy(
-                        f"gate tau={tau:g}", model, processor, records, batch_size, max_new_tokens, "gate"
-                    )
-                )
+                controller.dynamic_exit = GateExitRule(gate, tau=tau)
+                run(f"gate tau={tau:g}", "gate")
     finally:
         controller.exit_layer, controller.dynamic_exit = saved
     return results

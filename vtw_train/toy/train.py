@@ -117,6 +117,7 @@ def train(cfg: ToyBuildConfig, out_dir: Path, log_path: Path | None = None) -> d
         betas=tc.betas,
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, tc))
+    trainable = [p for p in model.parameters() if p.requires_grad]  # model order, as clipping had it
 
     assert tc.eval_seed != tc.seed, "the monitoring seed must differ from the training seed"
     eval_samples = generate_samples(tc.eval_samples, tc.eval_seed)
@@ -143,7 +144,7 @@ def train(cfg: ToyBuildConfig, out_dir: Path, log_path: Path | None = None) -> d
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tc.grad_clip)
+        torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip)
         opt.step()
         sched.step()
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
