@@ -79,6 +79,8 @@ def _reference_answer(scene: syn.Scene, q: str, qtype: str) -> str:
     if qtype == "shape":
         (o,) = [o for o in objs if o.color == w[4]]
         return o.shape
+    if qtype == "size":
+        return obj(w[4], w[5]).size
     if qtype == "count":
         if w[2] == "objects" and len(w) == 3:
             n = len(objs)
@@ -116,6 +118,21 @@ def test_yes_no_types_are_balanced():
     for qt in ("exists", "spatial", "same_size"):
         ans = [s.answer for s in samples if s.question_type == qt]
         assert 0.35 < ans.count("yes") / len(ans) < 0.65, qt
+
+
+def test_optional_size_type_is_opt_in_and_correct():
+    """``size`` appears only when a curriculum names it, so default splits stay as they were."""
+    assert "size" in syn.OPTIONAL_QUESTION_TYPES and "size" not in syn.QUESTION_TYPES
+    assert all(s.question_type != "size" for s in syn.generate_samples(700, seed=1))
+    samples = syn.generate_samples(300, seed=4, type_weights={"size": 1, "same_size": 1})
+    sizes = [s for s in samples if s.question_type == "size"]
+    assert len(sizes) > 100
+    for s in sizes:
+        assert _reference_answer(s.scene, s.question, "size") == s.answer, s.question
+    answers = [s.answer for s in sizes]
+    assert 0.35 < answers.count("small") / len(answers) < 0.65
+    vocab = set(syn.vocabulary())
+    assert all(set(s.question.split()) <= vocab for s in sizes)
 
 
 def test_questions_use_known_vocabulary_and_normalize():

@@ -132,6 +132,20 @@ def test_config_rejects_unknown_keys(tmp_path):
         load_config(path)
 
 
+def test_config_rejects_unknown_question_types_at_load(tmp_path):
+    """A misspelt curriculum type fails when the config is read, naming the phase, not mid-build."""
+    cfg = yaml.safe_load(open("configs/toy_vlm.yaml"))
+    cfg["train"]["curriculum"][1]["type_weights"]["spatail"] = 1
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match=r"train\.curriculum\[1\].*'spatail'.*same_size"):
+        load_config(path)
+    # The opt-in one-object size type is accepted.
+    cfg["train"]["curriculum"][1]["type_weights"] = {"size": 1, "same_size": 1}
+    path.write_text(yaml.safe_dump(cfg))
+    assert load_config(path).train.curriculum[1].type_weights == {"size": 1, "same_size": 1}
+
+
 def test_lr_schedule_shape():
     cfg = load_config("configs/toy_vlm.yaml").train
     f = [lr_factor(s, cfg) for s in range(cfg.steps)]

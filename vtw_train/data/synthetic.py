@@ -47,6 +47,10 @@ RELATIONS = ("left of", "right of", "above", "below")
 
 #: Question types, roughly from easy to hard.
 QUESTION_TYPES = ("exists", "color", "shape", "count", "location", "spatial", "same_size")
+#: Types a training curriculum may name in its ``type_weights`` but that the default
+#: (unweighted) stream never draws, so they leave every default dataset and held-out split
+#: unchanged. ``size`` ("what size is the red circle ?") is the one-object step towards same_size.
+OPTIONAL_QUESTION_TYPES = ("size",)
 
 
 @dataclass(frozen=True)
@@ -203,6 +207,11 @@ def make_question(scene: Scene, qtype: str, rng: random.Random) -> tuple[str, st
             return None
         c = rng.choice(uniq)
         return f"what shape is the {c} object ?", scene.find(color=c)[0].shape
+    if qtype == "size":
+        # One object's size: the step towards same_size, whose answer is the XOR of two sizes
+        # and so, on its own, gives no gradient towards reading either size.
+        o = rng.choice(objs)
+        return f"what size is the {o.color} {o.shape} ?", o.size
     if qtype == "count":
         kind = rng.randrange(3)
         if kind == 0:
@@ -244,7 +253,7 @@ def make_question(scene: Scene, qtype: str, rng: random.Random) -> tuple[str, st
         if rng.random() < 0.5:
             a, b = b, a
         return f"are the {a.name} and the {b.name} the same size ?", _yes_no(a.size == b.size)
-    raise ValueError(f"unknown question type {qtype!r}; known: {QUESTION_TYPES}")
+    raise ValueError(f"unknown question type {qtype!r}; known: {QUESTION_TYPES + OPTIONAL_QUESTION_TYPES}")
 
 
 def _draw_type(rng: random.Random, type_weights: Mapping[str, float] | None) -> str:
@@ -413,6 +422,7 @@ def generate_samples(n: int, seed: int, type_weights: Mapping[str, float] | None
 
 
 __all__: Sequence[str] = [
+    "OPTIONAL_QUESTION_TYPES",
     "QUESTION_TYPES",
     "Sample",
     "Scene",

@@ -9,6 +9,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from vtw_train.data.synthetic import OPTIONAL_QUESTION_TYPES, QUESTION_TYPES
 from vtw_train.toy.build import ToyArchConfig
 from vtw_train.toy.vision_pretrain import VisionPretrainConfig
 
@@ -21,6 +22,13 @@ class PhaseConfig:
     type_weights: dict[str, float]
     min_objects: int = 2
     max_objects: int = 5
+
+    def __post_init__(self) -> None:
+        # A misspelt type would otherwise fail only when the phase starts, deep into a build.
+        known = QUESTION_TYPES + OPTIONAL_QUESTION_TYPES
+        unknown = sorted(set(self.type_weights) - set(known))
+        if unknown:
+            raise ValueError(f"type_weights: unknown question type(s) {unknown}; known: {list(known)}")
 
 
 @dataclass
@@ -80,7 +88,10 @@ def _build(cls: type, data: Any, where: str) -> Any:
             kwargs[k] = tuple(float(x) for x in v)
         else:
             kwargs[k] = v
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}" if where else str(err)) from None
 
 
 def load_config(path: str | Path | None) -> ToyBuildConfig:
