@@ -40,6 +40,8 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle")
 SIZES = ("small", "large")
+#: Every (colour, shape) pair; a scene holds each at most once, so "<colour> <shape>" names one object.
+OBJECT_KINDS: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLORS for s in SHAPES)
 BACKGROUND = (235, 235, 235)
 MIN_OBJECTS, MAX_OBJECTS = 2, 5
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
@@ -51,6 +53,8 @@ QUESTION_TYPES = ("exists", "color", "shape", "count", "location", "spatial", "s
 #: (unweighted) stream never draws, so they leave every default dataset and held-out split
 #: unchanged. ``size`` ("what size is the red circle ?") is the one-object step towards same_size.
 OPTIONAL_QUESTION_TYPES = ("size",)
+#: Every type :func:`make_question` can ask: what a curriculum's ``type_weights`` may name.
+KNOWN_QUESTION_TYPES = QUESTION_TYPES + OPTIONAL_QUESTION_TYPES
 
 
 @dataclass(frozen=True)
@@ -112,7 +116,7 @@ def sample_scene(rng: random.Random, min_objects: int = MIN_OBJECTS, max_objects
     """Objects with distinct (colour, shape) pairs so that '<colour> <shape>' names one object."""
     n = rng.randint(min_objects, max_objects)
     cells = rng.sample(range(GRID * GRID), n)
-    pairs = rng.sample([(c, s) for c in COLORS for s in SHAPES], n)
+    pairs = rng.sample(OBJECT_KINDS, n)
     objs = tuple(
         SceneObject(
             color=c,
@@ -253,7 +257,7 @@ def make_question(scene: Scene, qtype: str, rng: random.Random) -> tuple[str, st
         if rng.random() < 0.5:
             a, b = b, a
         return f"are the {a.name} and the {b.name} the same size ?", _yes_no(a.size == b.size)
-    raise ValueError(f"unknown question type {qtype!r}; known: {QUESTION_TYPES + OPTIONAL_QUESTION_TYPES}")
+    raise ValueError(f"unknown question type {qtype!r}; known: {KNOWN_QUESTION_TYPES}")
 
 
 def _draw_type(rng: random.Random, type_weights: Mapping[str, float] | None) -> str:
@@ -422,6 +426,8 @@ def generate_samples(n: int, seed: int, type_weights: Mapping[str, float] | None
 
 
 __all__: Sequence[str] = [
+    "KNOWN_QUESTION_TYPES",
+    "OBJECT_KINDS",
     "OPTIONAL_QUESTION_TYPES",
     "QUESTION_TYPES",
     "Sample",

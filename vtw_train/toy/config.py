@@ -9,7 +9,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from vtw_train.data.synthetic import OPTIONAL_QUESTION_TYPES, QUESTION_TYPES
+from vtw_train.data.synthetic import KNOWN_QUESTION_TYPES
 from vtw_train.toy.build import ToyArchConfig
 from vtw_train.toy.vision_pretrain import VisionPretrainConfig
 
@@ -25,10 +25,11 @@ class PhaseConfig:
 
     def __post_init__(self) -> None:
         # A misspelt type would otherwise fail only when the phase starts, deep into a build.
-        known = QUESTION_TYPES + OPTIONAL_QUESTION_TYPES
-        unknown = sorted(set(self.type_weights) - set(known))
+        unknown = sorted(set(self.type_weights) - set(KNOWN_QUESTION_TYPES))
         if unknown:
-            raise ValueError(f"type_weights: unknown question type(s) {unknown}; known: {list(known)}")
+            raise ValueError(
+                f"type_weights: unknown question type(s) {unknown}; known: {list(KNOWN_QUESTION_TYPES)}"
+            )
 
 
 @dataclass

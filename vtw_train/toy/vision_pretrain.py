@@ -32,6 +32,7 @@ from vtw_train.data.synthetic import (
     COLORS,
     GRID,
     IMAGE_SIZE,
+    OBJECT_KINDS,
     PATCH,
     SHAPES,
     SIZES,
@@ -48,8 +49,6 @@ TARGETS: dict[str, int] = {
     "row": GRID,
     "col": GRID,
 }
-#: The [CLS] target: one presence bit per (colour, shape) pair, in this order.
-OBJECT_KINDS: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLORS for s in SHAPES)
 
 
 @dataclass
@@ -88,7 +87,7 @@ def patch_targets(scene: Scene, patches_per_side: int = IMAGE_SIZE // PATCH) -> 
 
 
 def objects_present(scene: Scene) -> torch.Tensor:
-    """Multi-hot over OBJECT_KINDS: the [CLS] token's target."""
+    """The [CLS] token's target: one presence bit per (colour, shape) pair of OBJECT_KINDS, in its order."""
     present = {(o.color, o.shape) for o in scene.objects}
     return torch.tensor([float(kind in present) for kind in OBJECT_KINDS])
 
