@@ -104,6 +104,9 @@ def _reference_answer(scene: syn.Scene, q: str, qtype: str) -> str:
     if qtype == "same_size":
         a, b = obj(w[2], w[3]), obj(w[6], w[7])
         return "yes" if a.size == b.size else "no"
+    if qtype == "both_size":
+        a, b = obj(w[2], w[3]), obj(w[6], w[7])
+        return "yes" if a.size == b.size == w[8] else "no"
     raise AssertionError(qtype)
 
 
@@ -120,19 +123,20 @@ def test_yes_no_types_are_balanced():
         assert 0.35 < ans.count("yes") / len(ans) < 0.65, qt
 
 
-def test_optional_size_type_is_opt_in_and_correct():
-    """``size`` appears only when a curriculum names it, so default splits stay as they were."""
-    assert "size" in syn.OPTIONAL_QUESTION_TYPES and "size" not in syn.QUESTION_TYPES
-    assert all(s.question_type != "size" for s in syn.generate_samples(700, seed=1))
-    samples = syn.generate_samples(300, seed=4, type_weights={"size": 1, "same_size": 1})
-    sizes = [s for s in samples if s.question_type == "size"]
-    assert len(sizes) > 100
-    for s in sizes:
-        assert _reference_answer(s.scene, s.question, "size") == s.answer, s.question
-    answers = [s.answer for s in sizes]
-    assert 0.35 < answers.count("small") / len(answers) < 0.65
+@pytest.mark.parametrize(("qtype", "first_answer"), [("size", "small"), ("both_size", "yes")])
+def test_optional_types_are_opt_in_and_correct(qtype, first_answer):
+    """Optional types appear only when a curriculum names them, so default splits stay as they were."""
+    assert qtype in syn.OPTIONAL_QUESTION_TYPES and qtype not in syn.QUESTION_TYPES
+    assert all(s.question_type not in syn.OPTIONAL_QUESTION_TYPES for s in syn.generate_samples(700, seed=1))
+    samples = syn.generate_samples(300, seed=4, type_weights={qtype: 1, "same_size": 1})
+    drawn = [s for s in samples if s.question_type == qtype]
+    assert len(drawn) > 100
+    for s in drawn:
+        assert _reference_answer(s.scene, s.question, qtype) == s.answer, s.question
+    answers = [s.answer for s in drawn]
+    assert 0.35 < answers.count(first_answer) / len(answers) < 0.65
     vocab = set(syn.vocabulary())
-    assert all(set(s.question.split()) <= vocab for s in sizes)
+    assert all(set(s.question.split()) <= vocab for s in drawn)
 
 
 def test_questions_use_known_vocabulary_and_normalize():

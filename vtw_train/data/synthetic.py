@@ -51,8 +51,10 @@ RELATIONS = ("left of", "right of", "above", "below")
 QUESTION_TYPES = ("exists", "color", "shape", "count", "location", "spatial", "same_size")
 #: Types a training curriculum may name in its ``type_weights`` but that the default
 #: (unweighted) stream never draws, so they leave every default dataset and held-out split
-#: unchanged. ``size`` ("what size is the red circle ?") is the one-object step towards same_size.
-OPTIONAL_QUESTION_TYPES = ("size",)
+#: unchanged. ``size`` ("what size is the red circle ?") is the one-object step towards same_size;
+#: ``both_size`` ("are the red circle and the blue square large ?", yes iff both are) the
+#: two-object one: unlike same_size, each object's size alone already moves its answer.
+OPTIONAL_QUESTION_TYPES = ("size", "both_size")
 #: Every type :func:`make_question` can ask: what a curriculum's ``type_weights`` may name.
 KNOWN_QUESTION_TYPES = QUESTION_TYPES + OPTIONAL_QUESTION_TYPES
 
@@ -246,6 +248,24 @@ def make_question(scene: Scene, qtype: str, rng: random.Random) -> tuple[str, st
         if _relation_holds(a, rel, b) != want:
             a, b = b, a
         return f"is the {a.name} {rel} the {b.name} ?", _yes_no(_relation_holds(a, rel, b))
+    if qtype == "both_size":
+        # An AND of two sizes: reading either object already shifts the answer, a first-order
+        # gradient that same_size (an XOR) lacks; "both large" or "both small" is same_size.
+        if len(objs) < 2:
+            return None
+        want = rng.random() < 0.5
+        # For "yes", ask about a size that two objects share, so that most scenes support it.
+        shared = [t for t in SIZES if sum(o.size == t for o in objs) >= 2]
+        size = rng.choice(shared if want and shared else SIZES)
+        pairs = [
+            (a, b) for i, a in enumerate(objs) for b in objs[i + 1 :] if (a.size == b.size == size) == want
+        ]
+        if not pairs:  # no fallback: it would tilt the answers towards "no"
+            return None
+        a, b = rng.choice(pairs)
+        if rng.random() < 0.5:
+            a, b = b, a
+        return f"are the {a.name} and the {b.name} {size} ?", _yes_no(a.size == b.size == size)
     if qtype == "same_size":
         if len(objs) < 2:
             return None
@@ -282,7 +302,7 @@ def generate_sample(
     if not 1 <= min_objects <= max_objects <= MAX_OBJECTS:
         raise ValueError(f"need 1 <= min_objects <= max_objects <= {MAX_OBJECTS}")
     qtype = _draw_type(rng, type_weights)
-    if max_objects < 2 and qtype in ("spatial", "same_size"):
+    if max_objects < 2 and qtype in ("spatial", "same_size", "both_size"):
         raise ValueError(f"question type {qtype!r} needs scenes with at least two objects")
     while True:
         scene = sample_scene(rng, min_objects, max_objects)
