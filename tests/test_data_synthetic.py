@@ -156,8 +156,9 @@ def test_object_count_curriculum():
     rng = random.Random(0)
     single = [syn.generate_sample(rng, {"color": 1, "location": 1}, 1, 1) for _ in range(20)]
     assert all(len(s.scene.objects) == 1 for s in single)
-    with pytest.raises(ValueError, match="at least two objects"):
-        syn.generate_sample(rng, {"spatial": 1}, 1, 1)
+    for qtype in syn.TWO_OBJECT_TYPES:
+        with pytest.raises(ValueError, match="at least two objects"):
+            syn.generate_sample(rng, {qtype: 1}, 1, 1)
     with pytest.raises(ValueError, match="min_objects"):
         syn.generate_sample(rng, None, 3, 2)
 

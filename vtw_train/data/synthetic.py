@@ -17,6 +17,7 @@ import os
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,8 @@ QUESTION_TYPES = ("exists", "color", "shape", "count", "location", "spatial", "s
 OPTIONAL_QUESTION_TYPES = ("size", "both_size")
 #: Every type :func:`make_question` can ask: what a curriculum's ``type_weights`` may name.
 KNOWN_QUESTION_TYPES = QUESTION_TYPES + OPTIONAL_QUESTION_TYPES
+#: Types that name two objects, so a scene needs at least two.
+TWO_OBJECT_TYPES = ("spatial", "same_size", "both_size")
 
 
 @dataclass(frozen=True)
@@ -257,9 +260,7 @@ def make_question(scene: Scene, qtype: str, rng: random.Random) -> tuple[str, st
         # For "yes", ask about a size that two objects share, so that most scenes support it.
         shared = [t for t in SIZES if sum(o.size == t for o in objs) >= 2]
         size = rng.choice(shared if want and shared else SIZES)
-        pairs = [
-            (a, b) for i, a in enumerate(objs) for b in objs[i + 1 :] if (a.size == b.size == size) == want
-        ]
+        pairs = [(a, b) for a, b in combinations(objs, 2) if (a.size == b.size == size) == want]
         if not pairs:  # no fallback: it would tilt the answers towards "no"
             return None
         a, b = rng.choice(pairs)
@@ -270,9 +271,9 @@ def make_question(scene: Scene, qtype: str, rng: random.Random) -> tuple[str, st
         if len(objs) < 2:
             return None
         want = rng.random() < 0.5
-        pairs = [(a, b) for i, a in enumerate(objs) for b in objs[i + 1 :] if (a.size == b.size) == want]
+        pairs = [(a, b) for a, b in combinations(objs, 2) if (a.size == b.size) == want]
         if not pairs:
-            pairs = [(a, b) for i, a in enumerate(objs) for b in objs[i + 1 :]]
+            pairs = list(combinations(objs, 2))
         a, b = rng.choice(pairs)
         if rng.random() < 0.5:
             a, b = b, a
@@ -302,7 +303,7 @@ def generate_sample(
     if not 1 <= min_objects <= max_objects <= MAX_OBJECTS:
         raise ValueError(f"need 1 <= min_objects <= max_objects <= {MAX_OBJECTS}")
     qtype = _draw_type(rng, type_weights)
-    if max_objects < 2 and qtype in ("spatial", "same_size", "both_size"):
+    if max_objects < 2 and qtype in TWO_OBJECT_TYPES:
         raise ValueError(f"question type {qtype!r} needs scenes with at least two objects")
     while True:
         scene = sample_scene(rng, min_objects, max_objects)
@@ -453,6 +454,7 @@ __all__: Sequence[str] = [
     "Sample",
     "Scene",
     "SceneObject",
+    "TWO_OBJECT_TYPES",
     "answer_normalize",
     "ensure_dataset",
     "generate_conversation",
