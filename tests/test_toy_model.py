@@ -208,3 +208,110 @@ def test_training_is_deterministic_for_a_seed_and_saves_a_finished_model(tmp_pat
     assert all(torch.equal(a[k.removeprefix("model.")], v) for k, v in tower.items())
     fresh = build_model(cfg.arch, processor.tokenizer, seed=0).state_dict()
     assert any(not torch.equal(fresh[k], v) for k, v in tower.items())
+
+
+def _split_cfg(steps: int = 4):
+    from vtw_train.toy.build import miniature_arch
+    from vtw_train.toy.config import PhaseConfig, ToyBuildConfig, TrainConfig
+    from vtw_train.toy.vision_pretrain import VisionPretrainConfig
+
+    return ToyBuildConfig(
+        arch=miniature_arch(),
+        vision_pretrain=VisionPretrainConfig(steps=2, batch_size=4, warmup_steps=1),
+        train=TrainConfig(
+            steps=steps,
+            batch_size=4,
+            questions_per_image=2,
+            warmup_steps=1,
+            flat_fraction=0.25,
+            eval_every=2,
+            eval_samples=8,
+            checkpoint_every=100,
+            curriculum=[
+                PhaseConfig(until_fraction=0.5, type_weights={"color": 1}, min_objects=1, max_objects=1),
+                PhaseConfig(until_fraction=1.0, type_weights={"count": 1, "shape": 1}),
+            ],
+        ),
+    )
+
+
+def test_a_build_split_by_stop_after_and_resume_equals_the_uninterrupted_build(tmp_path):
+    """Stopping mid-run (mid-schedule, at a phase change) and resuming gives bit-identical
+    weights and the same monitor log: the optimizer, schedule and generator state all travel."""
+    from safetensors.torch import load_file
+
+    from vtw_train.toy.train import TRAINER_STATE, train
+
+    cfg = _split_cfg()
+    whole = train(cfg, tmp_path / "whole", tmp_path / "whole.jsonl")
+    train(cfg, tmp_path / "split", tmp_path / "split.jsonl", stop_after=2)
+    assert (tmp_path / "split" / TRAINER_STATE).is_file()
+    assert json.loads((tmp_path / "split" / "training_info.json").read_text())["step"] == 2
+    resumed = train(cfg, tmp_path / "split", tmp_path / "split.jsonl", resume=True)
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("whole", "split"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed == whole
+    strip = [
+        {k: v for k, v in json.loads(line).items() if k != "elapsed_s"}
+        for line in (tmp_path / "whole.jsonl").open()
+    ]
+    split = [
+        {k: v for k, v in json.loads(line).items() if k != "elapsed_s"}
+        for line in (tmp_path / "split.jsonl").open()
+    ]
+    assert [r["step"] for r in strip] == [2, 4] and split == strip
+    # the finished model carries no trainer state, so it cannot be "resumed" by mistake
+    assert not (tmp_path / "split" / TRAINER_STATE).exists()
+
+
+def test_resume_refuses_a_config_that_changes_the_steps_already_trained(tmp_path):
+    import dataclasses
+
+    from vtw_train.toy.config import PhaseConfig
+    from vtw_train.toy.train import ResumeError, train
+
+    cfg = _split_cfg()
+    with pytest.raises(ResumeError, match="no checkpoint"):
+        train(cfg, tmp_path / "run", resume=True)
+    train(cfg, tmp_path / "run", stop_after=2)
+    early = dataclasses.replace(
+        cfg,
+        train=dataclasses.replace(
+            cfg.train,
+            curriculum=[PhaseConfig(until_fraction=1.0, type_weights={"shape": 1})],
+        ),
+    )
+    with pytest.raises(ResumeError, match=r"train\.curriculum \(differs at step 0\)"):
+        train(early, tmp_path / "run", resume=True)
+    with pytest.raises(ResumeError, match=r"train\.lr"):
+        train(
+            dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=1e-3)),
+            tmp_path / "run",
+            resume=True,
+        )
+    # changing only what comes after the checkpoint is how a run is given another ending
+    late = dataclasses.replace(
+        cfg,
+        train=dataclasses.replace(
+            cfg.train,
+            curriculum=[cfg.train.curriculum[0], PhaseConfig(until_fraction=1.0, type_weights={"exists": 1})],
+        ),
+    )
+    train(late, tmp_path / "run", resume=True)
+    with pytest.raises(ResumeError, match="finished model"):
+        train(late, tmp_path / "run", resume=True)
+    with pytest.raises(ResumeError, match="stop_after"):
+        train(cfg, tmp_path / "other", stop_after=4)
+
+
+def test_build_script_resume_without_a_checkpoint_says_so(tmp_path, monkeypatch):
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "build_toy_vlm.py"
+    monkeypatch.setattr(sys, "argv", ["build_toy_vlm.py", "--output-dir", str(tmp_path / "none"), "--resume"])
+    with pytest.raises(
+        SystemExit, match="cannot resume: no checkpoint in .*none; start a new build without --resume"
+    ):
+        runpy.run_path(str(script), run_name="__main__")
+    assert not (tmp_path / "none").exists()

@@ -95,9 +95,14 @@ def _build(cls: type, data: Any, where: str) -> Any:
         raise ValueError(f"{where}: {err}" if where else str(err)) from None
 
 
+def config_from_dict(data: dict) -> ToyBuildConfig:
+    """A config from its ``dataclasses.asdict`` form (as stored in a checkpoint) or parsed YAML."""
+    return _build(ToyBuildConfig, data, "")
+
+
 def load_config(path: str | Path | None) -> ToyBuildConfig:
     """Read a YAML file into :class:`ToyBuildConfig` (defaults when ``path`` is None)."""
     if path is None:
         return ToyBuildConfig()
     data = yaml.safe_load(Path(path).read_text()) or {}
-    return _build(ToyBuildConfig, data, "")
+    return config_from_dict(data)

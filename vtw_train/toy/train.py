@@ -2,7 +2,9 @@
 
 No exit tricks: the model must behave like an ordinary VLM. Every step draws a new batch
 from a seeded generator (no epochs, no overfitting), so a run is deterministic for a seed.
-Checkpoints are written atomically, so an interrupted run still leaves a usable model.
+Checkpoints are written atomically, so an interrupted run still leaves a usable model, and
+they carry the trainer state (optimizer, schedule, data-generator state), so ``resume=True``
+continues the run bit for bit where it stopped: a long build can be split across sessions.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import random
 import shutil
 import time
 from collections import defaultdict
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -23,7 +26,7 @@ from vtw_train.data.collate import IGNORE_INDEX, VLMCollator
 from vtw_train.data.records import from_conversation, from_sample
 from vtw_train.data.synthetic import QUESTION_TYPES, generate_conversation, generate_samples
 from vtw_train.toy.build import build_model, build_processor
-from vtw_train.toy.config import ToyBuildConfig
+from vtw_train.toy.config import ToyBuildConfig, config_from_dict
 from vtw_train.toy.vision_pretrain import pretrain_vision_tower
 
 
@@ -72,7 +75,16 @@ def teacher_forced_accuracy(model, batches: list[dict]) -> dict[str, float]:
     return acc
 
 
-def save_atomically(model, processor, out_dir: Path, meta: dict) -> None:
+#: Optimizer, schedule and generator state next to an unfinished checkpoint's weights; a
+#: finished model has none (it is not needed for inference and would double the size).
+TRAINER_STATE = "trainer_state.pt"
+
+
+class ResumeError(ValueError):
+    """A run cannot be resumed or split as asked; the message names the fix."""
+
+
+def save_atomically(model, processor, out_dir: Path, meta: dict, trainer_state: dict | None = None) -> None:
     """Write to a sibling temp dir, then swap it in; readers never see a half-written model."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -81,6 +93,8 @@ def save_atomically(model, processor, out_dir: Path, meta: dict) -> None:
     model.save_pretrained(tmp, safe_serialization=True)
     processor.save_pretrained(tmp)
     (tmp / "training_info.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if trainer_state is not None:
+        torch.save(trainer_state, tmp / TRAINER_STATE)
     shutil.rmtree(old, ignore_errors=True)
     if out_dir.exists():
         os.replace(out_dir, old)
@@ -88,20 +102,91 @@ def save_atomically(model, processor, out_dir: Path, meta: dict) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def train(cfg: ToyBuildConfig, out_dir: Path, log_path: Path | None = None) -> dict[str, float]:
-    """Train from scratch and write the model to ``out_dir``; returns the last monitor accuracy."""
+def _same_run_until(saved: ToyBuildConfig, cfg: ToyBuildConfig, step: int) -> None:
+    """Refuse to resume unless ``cfg`` trains exactly as ``saved`` did for steps ``< step``.
+
+    Later phases and the schedule after ``step`` may change: that is how a run is continued
+    with a different ending, and the result is then the run the new config describes.
+    """
+    problems = []
+    for section in ("arch", "vision_pretrain"):
+        if asdict(getattr(saved, section)) != asdict(getattr(cfg, section)):
+            problems.append(section)
+    same_anywhere = ("seed", "batch_size", "questions_per_image", "lr", "warmup_steps", "betas",
+                     "weight_decay", "grad_clip", "eval_samples", "eval_seed")  # fmt: skip
+    for name in same_anywhere:
+        if getattr(saved.train, name) != getattr(cfg.train, name):
+            problems.append(f"train.{name}")
+    for s in range(step):
+        if phase_at(s, saved.train) != phase_at(s, cfg.train):
+            problems.append(f"train.curriculum (differs at step {s})")
+            break
+    for s in range(step):
+        if lr_factor(s, saved.train) != lr_factor(s, cfg.train):
+            problems.append(f"train.steps/flat_fraction/min_lr_ratio (learning rate differs at step {s})")
+            break
+    if problems:
+        raise ResumeError(
+            f"cannot resume: the config differs from the checkpoint's before step {step} in "
+            f"{', '.join(problems)}; use the config the run was started with (it is stored in "
+            f"{TRAINER_STATE}) or only change what happens from step {step} on"
+        )
+
+
+def load_trainer_state(out_dir: Path, cfg: ToyBuildConfig) -> dict:
+    """The trainer state of the unfinished checkpoint in ``out_dir``, checked against ``cfg``."""
+    path = Path(out_dir) / TRAINER_STATE
+    if not path.is_file():
+        info = Path(out_dir) / "training_info.json"
+        why = (
+            f"{out_dir} holds a finished model (training_info.json), which has no trainer state"
+            if info.is_file()
+            else f"no checkpoint in {out_dir}"
+        )
+        raise ResumeError(f"cannot resume: {why}; start a new build without --resume")
+    state = torch.load(path, weights_only=True)
+    _same_run_until(config_from_dict(json.loads(state["config"])), cfg, state["step"])
+    if state["step"] >= cfg.train.steps:
+        raise ResumeError(
+            f"cannot resume: the checkpoint is at step {state['step']}, train.steps is {cfg.train.steps}"
+        )
+    return state
+
+
+def train(
+    cfg: ToyBuildConfig,
+    out_dir: Path,
+    log_path: Path | None = None,
+    *,
+    resume: bool = False,
+    stop_after: int | None = None,
+) -> dict[str, float]:
+    """Train and write the model to ``out_dir``; returns the last monitor accuracy.
+
+    ``resume`` continues the unfinished checkpoint in ``out_dir``; ``stop_after`` ends the run
+    after that many steps with a resumable checkpoint (a build split across sessions).
+    """
     tc = cfg.train
+    if stop_after is not None and not 0 < stop_after < tc.steps:
+        raise ResumeError(
+            f"stop_after must be between 1 and train.steps - 1 ({tc.steps - 1}), got {stop_after}"
+        )
+    state = load_trainer_state(out_dir, cfg) if resume else None
     torch.set_num_threads(tc.threads)
     torch.set_flush_denormal(True)
     torch.manual_seed(tc.seed)
     processor = build_processor(cfg.arch)
     model = build_model(cfg.arch, processor.tokenizer, seed=tc.seed)
     vp = cfg.vision_pretrain
-    if vp.steps > 0:
+    if state is not None:
+        saved = type(model).from_pretrained(out_dir, dtype=torch.float32)
+        model.load_state_dict(saved.state_dict())
+        del saved
+    elif vp.steps > 0:
         probe_acc = pretrain_vision_tower(model, processor.image_processor, vp, seed=tc.seed)
         tqdm.write(json.dumps({"vision_pretrain_patch_accuracy": probe_acc}))
-        if vp.freeze_after:
-            model.model.vision_tower.requires_grad_(False)
+    if vp.steps > 0 and vp.freeze_after:
+        model.model.vision_tower.requires_grad_(False)
     model.train()
     n_vis = (cfg.arch.image_size // cfg.arch.patch_size) ** 2
     collate = VLMCollator(processor, "train", expected_image_tokens=n_vis)
@@ -129,11 +214,27 @@ def train(cfg: ToyBuildConfig, out_dir: Path, log_path: Path | None = None) -> d
         eval_batches.append(b)
 
     rng = random.Random(tc.seed)
-    log = log_path.open("a") if log_path else None
     acc: dict[str, float] = {}
-    start = time.time()
     ema = None
-    bar = tqdm(range(tc.steps), desc="toy-vlm", dynamic_ncols=True, mininterval=5)
+    first_step = 0
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        version, internal, gauss = state["python_rng"]
+        rng.setstate((version, tuple(internal), gauss))
+        torch.set_rng_state(state["torch_rng"])
+        first_step, ema, acc = state["step"], state["loss_ema"], dict(state["monitor_accuracy"])
+    log = log_path.open("a") if log_path else None
+    start = time.time()
+    last_step = stop_after if stop_after is not None else tc.steps
+    bar = tqdm(
+        range(first_step, last_step),
+        desc="toy-vlm",
+        dynamic_ncols=True,
+        mininterval=5,
+        initial=first_step,
+        total=tc.steps,
+    )
     for step in bar:
         phase = phase_at(step, tc)
         recs = [
@@ -149,8 +250,9 @@ def train(cfg: ToyBuildConfig, out_dir: Path, log_path: Path | None = None) -> d
         sched.step()
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         bar.set_postfix(loss=f"{ema:.3f}", lr=f"{sched.get_last_lr()[0]:.1e}")
-        last = step + 1 == tc.steps
-        if (step + 1) % tc.eval_every == 0 or last:
+        finished = step + 1 == tc.steps
+        last = step + 1 == last_step
+        if (step + 1) % tc.eval_every == 0 or finished:
             acc = teacher_forced_accuracy(model, eval_batches)
             rec = {"step": step + 1, "loss": ema, "elapsed_s": round(time.time() - start, 1), **acc}
             bar.write(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rec.items()}))
@@ -159,10 +261,31 @@ def train(cfg: ToyBuildConfig, out_dir: Path, log_path: Path | None = None) -> d
                 log.flush()
         if (step + 1) % tc.checkpoint_every == 0 or last:
             meta = {"step": step + 1, "steps": tc.steps, "seed": tc.seed, "monitor_accuracy": acc}
-            save_atomically(model, processor, out_dir, meta)
+            trainer_state = None
+            if not finished:
+                trainer_state = {
+                    "step": step + 1,
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "python_rng": rng.getstate(),
+                    "torch_rng": torch.get_rng_state(),
+                    "loss_ema": ema,
+                    "monitor_accuracy": acc,
+                    "config": json.dumps(asdict(cfg)),
+                }
+            save_atomically(model, processor, out_dir, meta, trainer_state)
     if log:
         log.close()
     return acc
 
 
-__all__ = ["QUESTION_TYPES", "lr_factor", "save_atomically", "teacher_forced_accuracy", "train"]
+__all__ = [
+    "QUESTION_TYPES",
+    "TRAINER_STATE",
+    "ResumeError",
+    "load_trainer_state",
+    "lr_factor",
+    "save_atomically",
+    "teacher_forced_accuracy",
+    "train",
+]
