@@ -264,6 +264,26 @@ def test_a_build_split_by_stop_after_and_resume_equals_the_uninterrupted_build(t
     assert not (tmp_path / "split" / TRAINER_STATE).exists()
 
 
+def test_resume_drops_monitor_records_logged_after_the_checkpoint(tmp_path):
+    """A run killed after its last checkpoint has logged evaluations the resumed run repeats."""
+    from vtw_train.toy.train import train
+
+    cfg = _split_cfg()
+    train(cfg, tmp_path / "whole", tmp_path / "whole.jsonl")
+    train(cfg, tmp_path / "split", tmp_path / "split.jsonl", stop_after=2)
+    with (tmp_path / "split.jsonl").open("a") as f:  # what the killed run wrote after step 2
+        f.write(json.dumps({"step": 4, "loss": 9.0, "overall": 0.0}) + "\n")
+    train(cfg, tmp_path / "split", tmp_path / "split.jsonl", resume=True)
+
+    def records(name):
+        return [
+            {k: v for k, v in json.loads(line).items() if k != "elapsed_s"}
+            for line in (tmp_path / name).open()
+        ]
+
+    assert records("split.jsonl") == records("whole.jsonl")
+
+
 def test_resume_refuses_a_config_that_changes_the_steps_already_trained(tmp_path):
     import dataclasses
 

@@ -153,6 +153,19 @@ def load_trainer_state(out_dir: Path, cfg: ToyBuildConfig) -> dict:
     return state
 
 
+def drop_log_records_after(log_path: Path, step: int) -> None:
+    """Remove monitor records past ``step``: a run killed after its last checkpoint logged
+    evaluations that the resumed run will log again, and the log must read as one run."""
+    if not log_path.is_file():
+        return
+    lines = log_path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        tmp = log_path.with_name(log_path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, log_path)
+
+
 def train(
     cfg: ToyBuildConfig,
     out_dir: Path,
@@ -224,6 +237,8 @@ def train(
         rng.setstate((version, tuple(internal), gauss))
         torch.set_rng_state(state["torch_rng"])
         first_step, ema, acc = state["step"], state["loss_ema"], dict(state["monitor_accuracy"])
+    if state is not None and log_path is not None:
+        drop_log_records_after(Path(log_path), first_step)
     log = log_path.open("a") if log_path else None
     start = time.time()
     last_step = stop_after if stop_after is not None else tc.steps
