@@ -235,6 +235,11 @@ def _split_cfg(steps: int = 4):
     )
 
 
+def _monitor_records(path):
+    """A build's monitor log without its wall-clock field, so two runs' logs can be compared."""
+    return [{k: v for k, v in json.loads(line).items() if k != "elapsed_s"} for line in path.open()]
+
+
 def test_a_build_split_by_stop_after_and_resume_equals_the_uninterrupted_build(tmp_path):
     """Stopping mid-run (mid-schedule, at a phase change) and resuming gives bit-identical
     weights and the same monitor log: the optimizer, schedule and generator state all travel."""
@@ -251,15 +256,9 @@ def test_a_build_split_by_stop_after_and_resume_equals_the_uninterrupted_build(t
     a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("whole", "split"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed == whole
-    strip = [
-        {k: v for k, v in json.loads(line).items() if k != "elapsed_s"}
-        for line in (tmp_path / "whole.jsonl").open()
-    ]
-    split = [
-        {k: v for k, v in json.loads(line).items() if k != "elapsed_s"}
-        for line in (tmp_path / "split.jsonl").open()
-    ]
-    assert [r["step"] for r in strip] == [2, 4] and split == strip
+    whole_log = _monitor_records(tmp_path / "whole.jsonl")
+    assert [r["step"] for r in whole_log] == [2, 4]
+    assert _monitor_records(tmp_path / "split.jsonl") == whole_log
     # the finished model carries no trainer state, so it cannot be "resumed" by mistake
     assert not (tmp_path / "split" / TRAINER_STATE).exists()
 
@@ -274,14 +273,7 @@ def test_resume_drops_monitor_records_logged_after_the_checkpoint(tmp_path):
     with (tmp_path / "split.jsonl").open("a") as f:  # what the killed run wrote after step 2
         f.write(json.dumps({"step": 4, "loss": 9.0, "overall": 0.0}) + "\n")
     train(cfg, tmp_path / "split", tmp_path / "split.jsonl", resume=True)
-
-    def records(name):
-        return [
-            {k: v for k, v in json.loads(line).items() if k != "elapsed_s"}
-            for line in (tmp_path / name).open()
-        ]
-
-    assert records("split.jsonl") == records("whole.jsonl")
+    assert _monitor_records(tmp_path / "split.jsonl") == _monitor_records(tmp_path / "whole.jsonl")
 
 
 def test_resume_refuses_a_config_that_changes_the_steps_already_trained(tmp_path):

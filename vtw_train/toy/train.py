@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from vtw_train.atomic_write import write_text_atomically
 from vtw_train.data.collate import IGNORE_INDEX, VLMCollator
 from vtw_train.data.records import from_conversation, from_sample
 from vtw_train.data.synthetic import QUESTION_TYPES, generate_conversation, generate_samples
@@ -161,9 +162,7 @@ def drop_log_records_after(log_path: Path, step: int) -> None:
     lines = log_path.read_text().splitlines(keepends=True)
     kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
     if len(kept) != len(lines):
-        tmp = log_path.with_name(log_path.name + ".tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, log_path)
+        write_text_atomically(log_path, "".join(kept))
 
 
 def train(
@@ -237,8 +236,8 @@ def train(
         rng.setstate((version, tuple(internal), gauss))
         torch.set_rng_state(state["torch_rng"])
         first_step, ema, acc = state["step"], state["loss_ema"], dict(state["monitor_accuracy"])
-    if state is not None and log_path is not None:
-        drop_log_records_after(Path(log_path), first_step)
+        if log_path is not None:
+            drop_log_records_after(Path(log_path), first_step)
     log = log_path.open("a") if log_path else None
     start = time.time()
     last_step = stop_after if stop_after is not None else tc.steps
