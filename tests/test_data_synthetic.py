@@ -93,7 +93,7 @@ def _reference_answer(scene: syn.Scene, q: str, qtype: str) -> str:
         o = obj(w[3], w[4])
         half = syn.GRID // 2
         return ("top" if o.row < half else "bottom") + " " + ("left" if o.col < half else "right")
-    if qtype == "spatial":
+    if qtype in ("spatial", "spatial_left_above"):
         a = obj(w[2], w[3])
         rel = w[4]
         b = obj(w[-2], w[-1])
@@ -123,7 +123,9 @@ def test_yes_no_types_are_balanced():
         assert 0.35 < ans.count("yes") / len(ans) < 0.65, qt
 
 
-@pytest.mark.parametrize(("qtype", "first_answer"), [("size", "small"), ("both_size", "yes")])
+@pytest.mark.parametrize(
+    ("qtype", "first_answer"), [("size", "small"), ("both_size", "yes"), ("spatial_left_above", "yes")]
+)
 def test_optional_types_are_opt_in_and_correct(qtype, first_answer):
     """Optional types appear only when a curriculum names them, so default splits stay as they were."""
     assert qtype in syn.OPTIONAL_QUESTION_TYPES and qtype not in syn.QUESTION_TYPES
@@ -202,3 +204,22 @@ def test_ensure_dataset_writes_once_rewrites_stale_and_never_overwrites_foreign_
     with pytest.raises(FileExistsError, match="own.jsonl.*not written by the synthetic generator"):
         syn.ensure_dataset(own, 5, seed=1)
     assert own.read_text() == "{}\n"
+
+
+def test_spatial_left_above_asks_one_relation_per_axis_and_both_axes():
+    """The curriculum step's point is that each object's position alone moves the answer: only
+    "left of" and "above" may appear (a flipped relation would cancel that), and both must."""
+    drawn = syn.generate_samples(400, seed=6, type_weights={"spatial_left_above": 1})
+    relations = [s.question.split()[4] for s in drawn]
+    assert set(relations) == {"left", "above"}
+    assert 0.35 < relations.count("left") / len(relations) < 0.65
+    left_first = [s for s in drawn if s.question.split()[4] == "left"]
+    # First-order signal: an object in the leftmost column asked about first is (almost) always "yes".
+    col0 = [s for s in left_first if _first_object(s).col == 0]
+    assert col0 and all(s.answer == "yes" for s in col0)
+
+
+def _first_object(sample: syn.Sample) -> syn.SceneObject:
+    w = sample.question.split()
+    (o,) = sample.scene.find(color=w[2], shape=w[3])
+    return o

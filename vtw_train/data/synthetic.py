@@ -47,6 +47,8 @@ BACKGROUND = (235, 235, 235)
 MIN_OBJECTS, MAX_OBJECTS = 2, 5
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
 RELATIONS = ("left of", "right of", "above", "below")
+#: One relation per axis: the relations of the ``spatial_left_above`` curriculum step.
+LEFT_ABOVE_RELATIONS = ("left of", "above")
 
 #: Question types, roughly from easy to hard.
 QUESTION_TYPES = ("exists", "color", "shape", "count", "location", "spatial", "same_size")
@@ -55,11 +57,13 @@ QUESTION_TYPES = ("exists", "color", "shape", "count", "location", "spatial", "s
 #: unchanged. ``size`` ("what size is the red circle ?") is the one-object step towards same_size;
 #: ``both_size`` ("are the red circle and the blue square large ?", yes iff both are) the
 #: two-object one: unlike same_size, each object's size alone already moves its answer.
-OPTIONAL_QUESTION_TYPES = ("size", "both_size")
+#: ``spatial_left_above`` is spatial with only "left of" and "above": the step towards spatial,
+#: whose four relations make the answer an XOR of the relation word and the two positions.
+OPTIONAL_QUESTION_TYPES = ("size", "both_size", "spatial_left_above")
 #: Every type :func:`make_question` can ask: what a curriculum's ``type_weights`` may name.
 KNOWN_QUESTION_TYPES = QUESTION_TYPES + OPTIONAL_QUESTION_TYPES
 #: Types that name two objects, so a scene needs at least two.
-TWO_OBJECT_TYPES = ("spatial", "same_size", "both_size")
+TWO_OBJECT_TYPES = ("spatial", "spatial_left_above", "same_size", "both_size")
 
 
 @dataclass(frozen=True)
@@ -235,8 +239,13 @@ def make_question(scene: Scene, qtype: str, rng: random.Random) -> tuple[str, st
         vert = "top" if o.row < GRID // 2 else "bottom"
         horiz = "left" if o.col < GRID // 2 else "right"
         return f"where is the {o.color} {o.shape} ?", f"{vert} {horiz}"
-    if qtype == "spatial":
-        rel = rng.choice(RELATIONS)
+    if qtype in ("spatial", "spatial_left_above"):
+        # With all four relations and balanced answers, neither object's position alone says
+        # anything about the answer (for each, "left of" and "right of" pull opposite ways), so
+        # training starts with no gradient towards reading positions and stays at chance.
+        # With one relation per axis, each position alone moves the answer; the flipped
+        # relations are then a sign on a comparison the model already makes.
+        rel = rng.choice(RELATIONS if qtype == "spatial" else LEFT_ABOVE_RELATIONS)
         horizontal = rel in ("left of", "right of")
         pairs = [
             (a, b)
