@@ -31,9 +31,9 @@ def test_committed_files_within_budget():
 
 
 def test_committed_model_answers_held_out_questions():
-    """The single-object and counting types are learned by the committed model (1.000 on
-    700 held-out samples, against majority baselines of about 0.3-0.5), and spatial relations
-    are above chance; an image-blind model cannot pass this."""
+    """The single-object and counting types are learned by the committed model (0.99-1.000 on
+    700 held-out samples, against majority baselines of about 0.3-0.5), and both two-object
+    types are well above their yes/no baseline; an image-blind model cannot pass this."""
     torch.set_num_threads(1)
     d = toy_vlm_path()
     model = AutoModelForImageTextToText.from_pretrained(d).eval()
@@ -58,10 +58,12 @@ def test_committed_model_answers_held_out_questions():
         image_transform=lambda im: Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND),
     )
     assert blank.overall <= res.overall - 0.4, (blank.per_type, res.per_type)
-    # Two-object relations: above their 50% yes/no baseline (0.673 on 101 held-out samples).
-    spatial = [from_sample(generate_sample(rng, {"spatial": 1}), f"s{i}") for i in range(80)]
-    res = evaluate_exact_match(model, processor, spatial, batch_size=len(spatial))
-    assert res.overall >= majority_baseline(spatial)["overall"] + 0.08, res.per_type
+    # Two-object types, 80 samples each: spatial relations 0.725 here (0.743 on 700 held-out
+    # samples; rows are learned, columns only half), same_size 0.975 (1.000), baselines ~0.5.
+    for qtype, margin in (("spatial", 0.15), ("same_size", 0.3)):
+        two = [from_sample(generate_sample(rng, {qtype: 1}), f"{qtype}{i}") for i in range(80)]
+        res = evaluate_exact_match(model, processor, two, batch_size=len(two))
+        assert res.overall >= majority_baseline(two)["overall"] + margin, (qtype, res.per_type)
 
 
 def test_load_toy_vlm_helper():
