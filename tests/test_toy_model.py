@@ -15,7 +15,7 @@ from vtw_train.data import VLMCollator, from_sample
 from vtw_train.data.synthetic import generate_samples
 from vtw_train.toy.build import _sincos_2d, build_model, build_processor, miniature_arch
 from vtw_train.toy.config import load_config
-from vtw_train.toy.train import lr_factor, save_atomically
+from vtw_train.toy.train import ResumeError, _same_run_until, lr_factor, save_atomically
 
 
 @pytest.fixture(scope="module")
@@ -327,3 +327,13 @@ def test_build_script_resume_without_a_checkpoint_says_so(tmp_path, monkeypatch)
     ):
         runpy.run_path(str(script), run_name="__main__")
     assert not (tmp_path / "none").exists()
+
+
+def test_default_config_shares_v1s_first_4800_steps():
+    """configs/toy_vlm.yaml promises that a build can resume from v1's step-4,800 checkpoint; its
+    phase boundaries are fractions of a different step count, so one rounding slip would break
+    that silently. Past that step the two runs differ, which the check must see."""
+    v1, default = load_config("configs/toy_vlm_v1.yaml"), load_config("configs/toy_vlm.yaml")
+    _same_run_until(v1, default, 4800)
+    with pytest.raises(ResumeError, match="curriculum"):
+        _same_run_until(v1, default, 4801)
