@@ -93,7 +93,7 @@ def _reference_answer(scene: syn.Scene, q: str, qtype: str) -> str:
         o = obj(w[3], w[4])
         half = syn.GRID // 2
         return ("top" if o.row < half else "bottom") + " " + ("left" if o.col < half else "right")
-    if qtype in ("spatial", "spatial_left_above"):
+    if qtype in syn.SPATIAL_RELATIONS:
         a = obj(w[2], w[3])
         rel = w[4]
         b = obj(w[-2], w[-1])
@@ -213,7 +213,7 @@ def test_spatial_left_above_asks_one_relation_per_axis_and_both_axes():
     relations = [s.question.split()[4] for s in drawn]
     assert set(relations) == {"left", "above"}
     assert 0.35 < relations.count("left") / len(relations) < 0.65
-    left_first = [s for s in drawn if s.question.split()[4] == "left"]
+    left_first = [s for s, rel in zip(drawn, relations, strict=True) if rel == "left"]
     # First-order signal: an object in the leftmost column asked about first is (almost) always "yes".
     col0 = [s for s in left_first if _first_object(s).col == 0]
     assert col0 and all(s.answer == "yes" for s in col0)

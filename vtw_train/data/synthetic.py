@@ -49,6 +49,8 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
 RELATIONS = ("left of", "right of", "above", "below")
 #: One relation per axis: the relations of the ``spatial_left_above`` curriculum step.
 LEFT_ABOVE_RELATIONS = ("left of", "above")
+#: The relations each spatial question type draws from.
+SPATIAL_RELATIONS = {"spatial": RELATIONS, "spatial_left_above": LEFT_ABOVE_RELATIONS}
 
 #: Question types, roughly from easy to hard.
 QUESTION_TYPES = ("exists", "color", "shape", "count", "location", "spatial", "same_size")
@@ -239,13 +241,13 @@ def make_question(scene: Scene, qtype: str, rng: random.Random) -> tuple[str, st
         vert = "top" if o.row < GRID // 2 else "bottom"
         horiz = "left" if o.col < GRID // 2 else "right"
         return f"where is the {o.color} {o.shape} ?", f"{vert} {horiz}"
-    if qtype in ("spatial", "spatial_left_above"):
+    if qtype in SPATIAL_RELATIONS:
         # With all four relations and balanced answers, neither object's position alone says
         # anything about the answer (for each, "left of" and "right of" pull opposite ways), so
         # training starts with no gradient towards reading positions and stays at chance.
         # With one relation per axis, each position alone moves the answer; the flipped
         # relations are then a sign on a comparison the model already makes.
-        rel = rng.choice(RELATIONS if qtype == "spatial" else LEFT_ABOVE_RELATIONS)
+        rel = rng.choice(SPATIAL_RELATIONS[qtype])
         horizontal = rel in ("left of", "right of")
         pairs = [
             (a, b)
