@@ -329,11 +329,18 @@ def test_build_script_resume_without_a_checkpoint_says_so(tmp_path, monkeypatch)
     assert not (tmp_path / "none").exists()
 
 
-def test_default_config_shares_v1s_first_4800_steps():
-    """configs/toy_vlm.yaml promises that a build can resume from v1's step-4,800 checkpoint; its
-    phase boundaries are fractions of a different step count, so one rounding slip would break
-    that silently. Past that step the two runs differ, which the check must see."""
-    v1, default = load_config("configs/toy_vlm_v1.yaml"), load_config("configs/toy_vlm.yaml")
-    _same_run_until(v1, default, 4800)
-    with pytest.raises(ResumeError, match="curriculum"):
-        _same_run_until(v1, default, 4801)
+@pytest.mark.parametrize(
+    ("earlier", "shared_steps", "first_difference"),
+    [("toy_vlm_v1.yaml", 4800, "curriculum"), ("toy_vlm_short_flip.yaml", 8100, "curriculum")],
+)
+def test_default_config_shares_the_start_of_the_run_it_was_resumed_from(
+    earlier, shared_steps, first_difference
+):
+    """configs/toy_vlm.yaml promises that a build can resume from v1's step-4,800 checkpoint, and
+    the committed weights were resumed from the short_flip build's step-8,000 one; the phase
+    boundaries are fractions of different step counts, so one rounding slip would break that
+    silently. Past the shared steps the runs differ, which the check must see."""
+    before, default = load_config(f"configs/{earlier}"), load_config("configs/toy_vlm.yaml")
+    _same_run_until(before, default, shared_steps)
+    with pytest.raises(ResumeError, match=first_difference):
+        _same_run_until(before, default, shared_steps + 1)
