@@ -53,6 +53,7 @@ SCRIPT_CONFIGS = {
     "toy_vlm_pair_early.yaml": "vtw_train.toy.config:ToyBuildConfig",
     "toy_vlm_v1.yaml": "vtw_train.toy.config:ToyBuildConfig",
     "toy_vlm_short_flip.yaml": "vtw_train.toy.config:ToyBuildConfig",
+    "toy_vlm_10k.yaml": "vtw_train.toy.config:ToyBuildConfig",
     "evaluate_tiny.yaml": "vtw_train.cli.evaluate:EvaluateRun",
 }
 #: configs read by scripts/train_gate.py (LightningCLI); strategy fragments are composed with tiny.yaml
