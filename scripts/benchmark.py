@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Measured vs FLOPs speedups of withdrawal. Usage: python scripts/benchmark.py [--config cfg.yaml] [--repeats 9]"""
+"""Shim for `vtw-train benchmark` (see `vtw-train benchmark --help`)."""
 
-from vtw_train.cli.benchmark import main
+from vtw_train.cli.main import command
 
 if __name__ == "__main__":
-    main()
+    command("benchmark")(None)

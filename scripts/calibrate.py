@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Calibrate the fixed exit layer K by the KL criterion. Usage: python scripts/calibrate.py --config cfg.yaml"""
+"""Shim for `vtw-train calibrate` (see `vtw-train calibrate --help`)."""
 
-from vtw_train.cli.calibrate import main
+from vtw_train.cli.main import command
 
 if __name__ == "__main__":
-    main()
+    command("calibrate")(None)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Compare every visual-token reduction method side by side. Usage: python scripts/evaluate.py --config cfg.yaml"""
+"""Shim for `vtw-train evaluate` (see `vtw-train evaluate --help`)."""
 
-from vtw_train.cli.evaluate import main
+from vtw_train.cli.main import command
 
 if __name__ == "__main__":
-    main()
+    command("evaluate")(None)

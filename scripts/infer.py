@@ -1,10 +1,7 @@
 #!/usr/bin/env python
-"""Answer a question about an image with a gated checkpoint.
+"""Shim for `vtw-train infer` (see `vtw-train infer --help`)."""
 
-Usage: python scripts/infer.py --checkpoint DIR --image IMG.png --question "..." [--policy gate|fixed|gate_capped]
-"""
-
-from vtw_train.cli.infer import main
+from vtw_train.cli.main import command
 
 if __name__ == "__main__":
-    main()
+    command("infer")(None)

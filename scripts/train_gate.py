@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Train the exit gate and LoRA adapters, evaluate, export. Usage: python scripts/train_gate.py --config cfg.yaml"""
+"""Shim for `vtw-train train` (see `vtw-train train --help`)."""
 
-from vtw_train.cli.train_gate import main
+from vtw_train.cli.main import command
 
 if __name__ == "__main__":
-    main()
+    command("train")(None)

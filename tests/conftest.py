@@ -1,12 +1,18 @@
-"""Shared helpers for the engine tests (``tests/test_engine_*.py``).
+"""Shared setup for the test suite; the engine tests (``tests/engine/``) get one thread and a fixed seed.
 
 Kept to plain functions: every test builds its own tiny model (milliseconds), so there is no
-model state shared between tests that a failing test could leave behind.
+model state shared between tests that a failing test could leave behind. The helper modules
+next to this file (``engine_helpers``, ``miniature``, ``reference_loop``) are importable from
+every test folder.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # Tests never talk to W&B (the offline path is tested in a subprocess in test_wandb.py).
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -53,7 +59,7 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _is_engine_test(request) -> bool:
-    return request.module.__name__.startswith("test_engine_")
+    return Path(request.module.__file__).parent.name == "engine"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -73,7 +79,7 @@ def _single_thread(request):
 @pytest.fixture(autouse=True)
 def _grad_mode_and_seed(request):
     """Each engine test starts from a fixed global seed, and autograd must be on before and after
-    it: ENGINE_NOTES trap 12 (a module that switches autograd off at import time, or a test that
+    it: docs/engine.md, trap 12 (a module that switches autograd off at import time, or a test that
     leaks ``torch.set_grad_enabled(False)``) would otherwise silently change every later test."""
     if not _is_engine_test(request):
         yield

@@ -7,7 +7,7 @@ decoder layers in an explicit Python loop without any cache, and withdraws by pl
 handles one unpadded sample only, which is all an oracle needs, and imports nothing from
 ``vtw_train`` except the tiny model builders' id conventions (via the model config).
 
-Semantics of withdrawal at layer K (ENGINE_NOTES.md, METHODS.md section 1): layers 0..K-1 see every
+Semantics of withdrawal at layer K (docs/engine.md, docs/methods.md section 1): layers 0..K-1 see every
 token; immediately before layer K the visual positions are removed from the hidden states and from
 the rotary (cos, sin) tables, and layers K..L-1 run causal attention over the remaining tokens,
 which keep their ORIGINAL position ids (a gap where the image was).

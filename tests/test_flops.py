@@ -1,4 +1,4 @@
-"""Tests for vtw_train.flops against METHODS.md §11 and hand-computed cases."""
+"""Tests for vtw_train.flops against docs/methods.md §11 and hand-computed cases."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from vtw_train.flops import (
     visual_tokens_per_layer,
 )
 
-# LLaVA-1.5-7B worked example of METHODS.md §11: n ≈ 636 with V = 576.
+# LLaVA-1.5-7B worked example of docs/methods.md §11: n ≈ 636 with V = 576.
 N_TEXT, N_VIS = 60, 576
 SHORTV_7B = (31, 29, 30, 28, 0, 26, 27, 25, 24, 22, 23, 21, 2, 3, 20, 18, 17, 12, 19)  # §6.3, N=19
 

@@ -9,8 +9,16 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlamaConfig
 
 import vtw_train
-from vtw_train.distill import DistillConfig, distill_step
-from vtw_train.gate import ExitGate, GateConfig, GateExitRule, apply_policy, gate_features, text_feature_masks
+from vtw_train.engine import Reduction
+from vtw_train.gate import (
+    ExitGate,
+    GateConfig,
+    GateExitRule,
+    gate_features,
+    policy_reduction,
+    text_feature_masks,
+)
+from vtw_train.training.objective import DistillConfig, distill_step
 
 LORA = r".*language_model\.layers\.\d+\.self_attn\.(q_proj|v_proj)"
 
@@ -35,7 +43,7 @@ def test_gate_is_tiny_for_a_7b_model():
     language_model = 32 * per_layer + 2 * 32000 * cfg.hidden_size
     share = sum(p.numel() for p in gate.parameters()) / language_model
     assert share < 0.005
-    # DyVTE's per-layer routers: ~21M parameters each (METHODS.md §3.1)
+    # DyVTE's per-layer routers: ~21M parameters each (docs/methods.md §3.1)
     assert sum(p.numel() for p in gate.parameters()) < 21_000_000 / 10
 
 
@@ -71,12 +79,10 @@ def test_inference_decisions_equal_training_decisions(setup):
     assert len(set(out.gate_exit.tolist())) > 1, "test needs samples that exit at different layers"
 
     prompt_batch = batches(paths, processor, "generate", size=8)[0]
-    apply_policy(model, gate, "gate", fixed_exit_layer=None)
     controller = vtw_train.attach(model)
-    with torch.no_grad():
+    with torch.no_grad(), controller.using(policy_reduction("gate", gate, fixed_exit_layer=None)):
         model(**prompt_batch)
     assert controller.last_exit_layers.tolist() == out.gate_exit.tolist()
-    controller.dynamic_exit = None
 
 
 def test_gate_rule_is_causal_per_layer(setup):
@@ -85,7 +91,7 @@ def test_gate_rule_is_causal_per_layer(setup):
     controller = vtw_train.attach(model)
     prompt_batch = batches(paths, processor, "generate", size=8)[0]
     rule = GateExitRule(gate, tau=1.0)  # never fires: every layer is asked
-    controller.dynamic_exit = rule
+    controller.reduction = Reduction(exit_rule=rule)
     with torch.no_grad():
         model(**prompt_batch)
         seen = {k: v.clone() for k, v in rule.last_probabilities.items()}
@@ -99,7 +105,7 @@ def test_gate_rule_is_causal_per_layer(setup):
         target.weight.add_(1.0)
         model(**prompt_batch)
         target.weight.copy_(saved)
-    controller.dynamic_exit = None
+    controller.reduction = None
     assert sorted(seen) == [0, 1, 2]
     for layer, p in seen.items():
         assert torch.equal(rule.last_probabilities[layer], p)
@@ -110,22 +116,23 @@ def test_policies(setup):
     controller = vtw_train.attach(model)
     prompt_batch = batches(paths, processor, "generate", size=8)[0]
     with torch.no_grad():
-        apply_policy(model, None, "gate", fixed_exit_layer=2)  # no gate: the calibrated K
+        controller.reduction = policy_reduction("gate", None, fixed_exit_layer=2)  # no gate: the calibrated K
         model(**prompt_batch)
         assert controller.last_exit_layers.tolist() == [2] * 8
-        apply_policy(model, gate, "fixed", fixed_exit_layer=1)
+        controller.reduction = policy_reduction("fixed", gate, fixed_exit_layer=1)
         model(**prompt_batch)
         assert controller.last_exit_layers.tolist() == [1] * 8
-        apply_policy(model, gate, "gate", fixed_exit_layer=1)
+        controller.reduction = policy_reduction("gate", gate, fixed_exit_layer=1)
         model(**prompt_batch)
         free = controller.last_exit_layers.clone()
-        apply_policy(model, gate, "gate_capped", fixed_exit_layer=1)
+        controller.reduction = policy_reduction("gate_capped", gate, fixed_exit_layer=1)
         model(**prompt_batch)
         capped = controller.last_exit_layers.clone()
     assert torch.equal(capped, torch.clamp(free, max=1))
-    apply_policy(model, None, "fixed", fixed_exit_layer=None)
+    controller.reduction = policy_reduction("fixed", None, fixed_exit_layer=None)
+    assert controller.reduction.is_full
     with pytest.raises(ValueError, match="policy"):
-        apply_policy(model, gate, "sometimes", fixed_exit_layer=None)
+        policy_reduction("sometimes", gate, fixed_exit_layer=None)
 
 
 def test_config_errors():

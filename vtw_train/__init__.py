@@ -9,22 +9,30 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from .engine import ExitController, WithdrawalCache, attach, controller_of, supported_model_classes
+from .engine import (
+    FULL,
+    ExitController,
+    Reduction,
+    WithdrawalCache,
+    attach,
+    controller_of,
+    supported_model_classes,
+)
 from .errors import UnsupportedModelError, WithdrawalError
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "calibrate": ("vtw_train.calibrate", "calibrate"),
-    "CalibrationConfig": ("vtw_train.calibrate", "CalibrationConfig"),
-    "CalibrationRecord": ("vtw_train.calibrate", "CalibrationRecord"),
+    "calibrate": ("vtw_train.calibration", "calibrate"),
+    "CalibrationConfig": ("vtw_train.calibration", "CalibrationConfig"),
+    "CalibrationRecord": ("vtw_train.calibration", "CalibrationRecord"),
+    "layer_contribution": ("vtw_train.calibration", "layer_contribution"),
     "GatedVLM": ("vtw_train.checkpoint", "GatedVLM"),
     "export_gated_checkpoint": ("vtw_train.checkpoint", "export_gated_checkpoint"),
     "ExitGate": ("vtw_train.gate", "ExitGate"),
     "GateConfig": ("vtw_train.gate", "GateConfig"),
-    "VisPruner": ("vtw_train.methods.vispruner", "VisPruner"),
-    "FastV": ("vtw_train.methods.fastv", "FastV"),
-    "layer_contribution": ("vtw_train.methods.shortv", "layer_contribution"),
+    "VisPruner": ("vtw_train.methods", "VisPruner"),
+    "FastV": ("vtw_train.methods", "FastV"),
 }
 
 
@@ -36,7 +44,9 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "FULL",
     "ExitController",
+    "Reduction",
     "UnsupportedModelError",
     "WithdrawalCache",
     "WithdrawalError",

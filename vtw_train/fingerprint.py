@@ -1,4 +1,4 @@
-"""Cheap, stable fingerprints of a model's weights and of calibration data.
+"""Cheap, stable fingerprints of a model's weights and of calibration data, and the library versions.
 
 Calibration records and gated checkpoints are only valid for the model (and data) they were
 made with; loaders compare fingerprints so a mismatch is an error rather than a silent
@@ -14,6 +14,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .adapters import base_model_of
+
 _SAMPLES_PER_TENSOR = 4096
 
 
@@ -27,8 +29,7 @@ def _tensor_digest(h: hashlib._Hash, tensor: torch.Tensor) -> None:
 
 def model_fingerprint(model: nn.Module) -> str:
     """sha256 over the base model's parameters (LoRA adapters and gates are excluded)."""
-    get_base = getattr(model, "get_base_model", None)
-    base = get_base() if callable(get_base) else model
+    base = base_model_of(model)
     h = hashlib.sha256(type(base).__name__.encode())
     for name, param in base.named_parameters():
         if "lora_" in name or "modules_to_save" in name:
@@ -50,3 +51,18 @@ def data_fingerprint(batches: Iterable[dict[str, torch.Tensor]]) -> str:
                 h.update(str(tuple(value.shape)).encode())
                 _tensor_digest(h, value)
     return "sha256:" + h.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    """The versions a record or checkpoint was made with (written next to it, for bug reports)."""
+    import peft
+    import transformers
+
+    from . import __version__
+
+    return {
+        "vtw-train": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }

@@ -1,6 +1,6 @@
 """Analytic FLOPs of the language model under visual-token exit plans.
 
-The convention is the one in METHODS.md §11 ("FLOPs model"), chosen so that the
+The convention is the one in docs/methods.md §11 ("FLOPs model"), chosen so that the
 numbers reproduce the published ShortV / VTW / FastV tables for LLaVA-1.5-7B:
 
 * Only the decoder layers are counted. The vision tower, the projector, norms,
@@ -41,7 +41,9 @@ __all__ = [
     "ExitPlan",
     "batch_prefill_flops",
     "decode_flops_per_token",
+    "exit_flops_ratios",
     "flops_ratio",
+    "token_counts",
     "layer_macs",
     "prefill_flops",
     "visual_tokens_per_layer",
@@ -168,7 +170,7 @@ class ExitPlan:
     shrinks it from its layer on, and VTW removes what is left from ``exit_layer`` on.
     A FastV layer at or after ``exit_layer`` is legal and simply has no effect, so a
     learned gate that exits early can be combined with a fixed FastV layer (DyVTE +
-    FastV, METHODS.md §3.3). ShortV layers at or after ``exit_layer`` see no visual
+    FastV, docs/methods.md §3.3). ShortV layers at or after ``exit_layer`` see no visual
     rows and cost the same as a plain text-only layer.
     """
 
@@ -393,3 +395,33 @@ def batch_prefill_flops(
         prefill_flops(dims, t, v, dataclasses.replace(base_plan, exit_layer=k), include_lm_head)
         for t, v, k in zip(texts, visuals, exits, strict=True)
     ]
+
+
+def token_counts(visual: torch.Tensor, padding: torch.Tensor | None) -> tuple[list[int], list[int]]:
+    """``(n_text, n_visual)`` per row of a prompt batch, padding excluded.
+
+    ``visual``: ``[B, T]`` bool, True at visual positions; ``padding``: ``[B, T]`` with 1 at real
+    tokens (None: no padding). These are the counts every FLOPs figure of a sample starts from.
+    """
+    real = visual.new_ones(visual.shape) if padding is None else padding.bool()
+    n_visual = (visual & real).sum(1).tolist()
+    n_text = (~visual & real).sum(1).tolist()
+    return [int(n) for n in n_text], [int(n) for n in n_visual]
+
+
+def exit_flops_ratios(
+    config: Any, visual: torch.Tensor, padding: torch.Tensor | None, exit_layers: Sequence[int]
+) -> torch.Tensor:
+    """``[B, len(exit_layers)]`` prefill FLOPs ratio of exiting at each K, per sample (float32, on ``visual``'s device).
+
+    ``config`` is the model's (or its text decoder's) HF config.
+    """
+    import torch
+
+    dims = DecoderDims.from_config(config)
+    n_text, n_visual = token_counts(visual, padding)
+    rows = []
+    for nt, nv in zip(n_text, n_visual, strict=True):
+        full = prefill_flops(dims, nt, nv)
+        rows.append([prefill_flops(dims, nt, nv, ExitPlan(exit_layer=k)) / full for k in exit_layers])
+    return torch.tensor(rows, dtype=torch.float32, device=visual.device)

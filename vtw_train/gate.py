@@ -3,9 +3,9 @@
 At a candidate layer l the gate reads what the text tokens know at that point (the mean of
 the prompt's text after the image, and the last prompt token) and answers the probability
 that withdrawing the visual tokens after layer l is safe for this input. DyVTE trains one
-~21M-parameter router per layer (~0.5B in total at 7B); one router shared across layers,
-told where it is by a layer embedding, sees every layer's examples at every step and costs a
-few hundred thousand parameters for a 7B model (METHODS.md §3.5).
+router per layer (about 17M parameters each at 7B, 0.54B in all); one router shared across
+layers, told where it is by a layer embedding, sees every layer's examples at every step and
+costs about a million parameters for a 7B model at width 128 (docs/methods.md §3.5).
 
 Features are detached: the gate reads the representation, it does not shape it (the
 distillation loss on the LoRA adapters does that).
@@ -21,19 +21,20 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .engine import Reduction, attach
+
 Policy = Literal["gate", "fixed", "gate_capped"]
+#: Every exit policy, in the order errors list them.
+POLICIES: tuple[str, ...] = ("gate", "fixed", "gate_capped")
 
 
 @dataclass
 class GateConfig:
     """Architecture and decision rule of the gate.
 
-    width: hidden width of the router MLP (METHODS.md §3.5: <= 256).
+    width: hidden width of the router MLP (docs/methods.md §3.5: <= 256).
     tau: exit when p_exit >= tau. DyVTE's rule is tau = 0.5, min_layer = 0.
     min_layer: first layer after which the gate may fire (exit layer K = l + 1 >= min_layer + 1).
-    policy: ``gate`` (the gate decides, full model when it never fires), ``fixed`` (the
-        calibrated K, gate unused) or ``gate_capped`` (the gate, but never later than the
-        calibrated K).
     """
 
     hidden_size: int
@@ -41,15 +42,12 @@ class GateConfig:
     width: int = 128
     tau: float = 0.5
     min_layer: int = 1
-    policy: Policy = "gate"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.tau <= 1.0:
             raise ValueError(f"gate tau must be in (0, 1], got {self.tau}.")
         if not 0 <= self.min_layer < self.num_layers:
             raise ValueError(f"gate min_layer must be in [0, {self.num_layers - 1}], got {self.min_layer}.")
-        if self.policy not in ("gate", "fixed", "gate_capped"):
-            raise ValueError(f"gate policy must be 'gate', 'fixed' or 'gate_capped', got {self.policy!r}.")
         if self.width < 1:
             raise ValueError(f"gate width must be >= 1, got {self.width}.")
 
@@ -141,7 +139,7 @@ def gate_features(
 
 
 class GateExitRule:
-    """Adapter from the gate to the engine's ``dynamic_exit`` hook (inference).
+    """The gate as the engine's exit rule (``Reduction(exit_rule=...)``, inference).
 
     Called after each layer for the samples still reading visual tokens; fires for those whose
     ``p_exit >= tau`` once ``layer >= min_layer``. Decisions use only states that exist at that
@@ -176,33 +174,29 @@ class GateExitRule:
         return p >= self.tau
 
 
+def check_policy(policy: str) -> None:
+    if policy not in POLICIES:
+        raise ValueError(f"Unknown exit policy {policy!r}; use one of {', '.join(POLICIES)}.")
+
+
 def gate_parameter_share(gate: ExitGate, model: nn.Module) -> float:
     """The gate's parameters as a fraction of the language model's."""
-    from .engine import attach
-
     lm = attach(model).language_model
     return sum(p.numel() for p in gate.parameters()) / sum(p.numel() for p in lm.parameters())
 
 
-def apply_policy(
-    model: nn.Module, gate: ExitGate | None, policy: Policy, fixed_exit_layer: int | None
-) -> None:
-    """Point the engine at the gate, the calibrated K, or both (gate capped at K).
+def policy_reduction(
+    policy: Policy, gate: ExitGate | None, fixed_exit_layer: int | None, tau: float | None = None
+) -> Reduction:
+    """The engine reduction of an exit policy: the gate, the calibrated K, or the gate capped at K.
 
     Without a gate (or with policy ``fixed``) the calibrated fixed K is the fallback; with no
     calibrated K either, the full model runs.
     """
-    from .engine import attach
-
-    controller = attach(model)
+    check_policy(policy)
     if policy == "fixed" or gate is None:
-        controller.dynamic_exit = None
-        controller.exit_layer = fixed_exit_layer
-    elif policy == "gate":
-        controller.dynamic_exit = GateExitRule(gate)
-        controller.exit_layer = None
-    elif policy == "gate_capped":
-        controller.dynamic_exit = GateExitRule(gate)
-        controller.exit_layer = fixed_exit_layer
-    else:
-        raise ValueError(f"Unknown exit policy {policy!r}; use 'gate', 'fixed' or 'gate_capped'.")
+        return Reduction(exit_layer=fixed_exit_layer)
+    rule = GateExitRule(gate, tau=tau)
+    if policy == "gate":
+        return Reduction(exit_rule=rule)
+    return Reduction(exit_rule=rule, exit_layer=fixed_exit_layer)

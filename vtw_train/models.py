@@ -15,22 +15,24 @@ DTypeName = Literal["float32", "bfloat16", "float16"]
 
 @dataclass
 class ModelSpec:
-    """Which model to load.
-
-    path: a directory saved with ``save_pretrained`` (loaded with AutoModelForImageTextToText
-        and AutoProcessor), or ``toy`` for the embedded default model shipped with vtw-train.
-    tiny_family: instead of ``path``, build a tiny random model of this family
-        (llava, llava-mistral, llava-qwen2, llava_next, qwen2_vl, qwen2_5_vl); no processor.
-    num_layers / hidden_size: sizes of the tiny random model.
-    """
+    """Which model to load: a saved directory, the embedded toy (``toy``), or a tiny random model."""
 
     path: str | None = None
+    """A directory saved with ``save_pretrained`` (loaded with AutoModelForImageTextToText and
+    AutoProcessor), or ``toy`` for the embedded default model shipped with vtw-train."""
     tiny_family: str | None = None
+    """Instead of ``path``, build a tiny random model of this family (llava, llava-mistral,
+    llava-qwen2, llava_next, qwen2_vl, qwen2_5_vl); it has no processor."""
     num_layers: int = 8
+    """Decoder depth of the tiny random model."""
     hidden_size: int = 64
+    """Width of the tiny random model."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention backend."""
     dtype: DTypeName = "float32"
+    """Weights dtype."""
     seed: int = 0
+    """Seed of the tiny random model's weights."""
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.tiny_family is None):
@@ -55,7 +57,7 @@ def resolve_model_path(path: str) -> Path | str:
         if not (toy / "config.json").is_file() or not (toy / "model.safetensors").is_file():
             raise FileNotFoundError(
                 f"The embedded toy model is missing from {toy}. Rebuild it with "
-                "`python scripts/build_toy_vlm.py --config configs/toy_vlm.yaml`."
+                "`python scripts/build_toy_vlm.py --config configs/toy/toy_vlm.yaml`."
             )
         return toy
     resolved = Path(path).expanduser()

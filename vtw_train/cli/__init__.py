@@ -1,1 +1,1 @@
-"""Command-line entry points; ``scripts/*.py`` are thin wrappers around these ``main`` functions."""
+"""The commands behind ``vtw-train`` and ``scripts/``: one module per command, typed configs."""

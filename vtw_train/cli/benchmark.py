@@ -1,4 +1,4 @@
-"""``scripts/benchmark.py``: measured prefill/decode speedups of withdrawal next to the FLOPs model.
+"""``vtw-train benchmark`` (or ``scripts/benchmark.py``): measured speedups of withdrawal next to the FLOPs model.
 
 The model is random and shaped like LLaVA-1.5 scaled down (default: 16 layers, hidden 1024,
 576 visual + 40 text tokens). Only the language model is timed: the image-token embeddings
@@ -15,29 +15,44 @@ from dataclasses import dataclass
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from ..engine import attach
+from ..config import parse_config
+from ..engine import FULL, Reduction, attach
 from ..flops import DecoderDims, ExitPlan, decode_flops_per_token, prefill_flops
 from ..timing import interleaved_medians
-from .config import parse_config
 
 IMAGE_TOKEN_ID = 3
 
 
 @dataclass
 class BenchmarkRun:
+    """A random LLaVA-shaped model and the prompt it is timed on."""
+
     num_layers: int = 16
+    """Decoder depth."""
     hidden_size: int = 1024
+    """Decoder width."""
     intermediate_size: int = 2752
+    """Decoder MLP width."""
     num_heads: int = 16
+    """Attention heads."""
     num_kv_heads: int = 16
+    """Key/value heads (fewer than num_heads: grouped-query attention)."""
     vocab_size: int = 32000
+    """Vocabulary size."""
     visual_tokens: int = 576
+    """Visual tokens per prompt (LLaVA-1.5: 576)."""
     text_tokens: int = 40
+    """Non-visual tokens per prompt."""
     batch_size: int = 1
+    """Prompts per batch."""
     decode_steps: int = 16
+    """Decode steps timed after each prefill."""
     repeats: int = 7
-    threads: int = 0  # 0: torch's default
+    """Interleaved timed rounds."""
+    threads: int = 0
+    """torch threads (0: torch's default)."""
     seed: int = 0
+    """Seed of the random weights and prompts."""
 
 
 def build_model(run: BenchmarkRun) -> LlavaForConditionalGeneration:
@@ -83,20 +98,17 @@ def engine_bookkeeping_seconds(model, ids: torch.Tensor, calls: int = 200) -> fl
     """What the engine adds before handing a K = L prefill to the stock forward, timed directly.
 
     Whole-forward timings on a shared CPU move by more than the 2% budget; this isolates the
-    engine's own work (the wrapper hook that finds visual positions, and the exit decision).
+    engine's own work (finding the visual positions and deciding that nothing is withdrawn).
     """
     import time
 
     controller = attach(model)
-    controller.exit_layer = controller.num_layers
-    start = time.perf_counter()
-    for _ in range(calls):
-        controller._wrapper_pre_hook(controller.wrapper, (), {"input_ids": ids})
-        visual = controller._take_visual_mask()
-        exits = controller._resolve_exit_layers(visual.shape[0], visual.device)
-        bool(visual.any()) and bool((exits >= controller.num_layers).all())
-    controller.exit_layer = None
-    return (time.perf_counter() - start) / calls
+    with controller.using(exit_layer=controller.num_layers):
+        start = time.perf_counter()
+        for _ in range(calls):
+            visual = controller.visual_positions(ids)
+            bool(visual.any()) and controller.exit_layer >= controller.num_layers
+        return (time.perf_counter() - start) / calls
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
@@ -121,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
                 controller.detach()
             else:
                 controller = attach(model)
-                controller.exit_layer = exits[name]
+                controller.reduction = Reduction(exit_layer=exits[name])
 
         return setup
 
@@ -160,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
         prefill()
         kv[n] = cache_bytes(state["out"].past_key_values)
     controller = attach(model)
-    controller.exit_layer = None
+    controller.reduction = FULL
 
     dims = DecoderDims.from_config(model.config)
     n_text, n_vis = run.text_tokens, run.visual_tokens

@@ -1,4 +1,4 @@
-"""``scripts/calibrate.py``: pick the fixed exit layer K by the KL criterion and write the record."""
+"""``vtw-train calibrate --config cfg.yaml`` (or ``scripts/calibrate.py``): pick VTW's K by the KL criterion."""
 
 from __future__ import annotations
 
@@ -9,39 +9,47 @@ from typing import Any, Literal
 
 import torch
 
-from ..calibrate import CalibrationConfig, CalibrationRecord, calibrate, kl_per_sample
+from ..calibration import CalibrationConfig, CalibrationRecord, calibrate, calibration_batches, kl_per_sample
+from ..config import parse_config
 from ..engine import attach
 from ..models import ModelSpec, load_model
 from ..timing import interleaved_medians
-from .config import parse_config
 
 
 @dataclass
 class CalibrationData:
-    """Calibration samples.
-
-    source: ``random`` (random prompts for a tiny random model: a smoke test of the
-        machinery, not a meaningful K) or ``llava_json`` (a LLaVA-format JSON/JSONL file read
-        through the model's processor).
-    """
+    """Calibration samples."""
 
     source: Literal["random", "llava_json"] = "random"
+    """``random`` (random prompts for a tiny random model: a smoke test of the machinery, not a
+    meaningful K) or ``llava_json`` (a LLaVA-format JSON/JSONL file read through the model's processor)."""
     path: str | None = None
+    """The LLaVA-format file (``llava_json``)."""
     image_root: str | None = None
+    """Folder that image paths are relative to (default: the file's folder)."""
     batch_size: int = 4
+    """Calibration batch size."""
     seed: int = 0
+    """Seed of the random prompts."""
 
 
 @dataclass
 class CalibrateRun:
+    """One calibration: model, data, criterion, and where the record goes."""
+
     model: ModelSpec = field(default_factory=lambda: ModelSpec(tiny_family="llava"))
+    """The model to calibrate."""
     data: CalibrationData = field(default_factory=CalibrationData)
+    """Calibration samples."""
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    """The KL criterion."""
     output: str = "outputs/calibration/vtw_calibration.json"
+    """Where the record is written."""
     benchmark_repeats: int = 5
+    """Interleaved rounds timing the all-K sweep against one plain forward."""
 
 
-def calibration_batches(
+def sample_batches(
     data: CalibrationData, model: Any, processor: Any, num_samples: int, metric: str
 ) -> Iterator[dict[str, torch.Tensor]]:
     if data.source == "random":
@@ -57,13 +65,13 @@ def calibration_batches(
         raise ValueError(
             "data.source 'llava_json' needs a model with a processor (model.path), not a tiny random model."
         )
-    from ..data import LlavaJsonDataset, VLMCollator, collated_batches
+    from ..data import LlavaJsonDataset
 
     dataset = LlavaJsonDataset(data.path, image_root=data.image_root)
-    # answer_mean needs the teacher-forced answers (train collation, labels); first_token needs prompts only.
-    collate = VLMCollator(processor, mode="train" if metric == "answer_mean" else "generate")
     records = [dataset[i] for i in range(min(num_samples, len(dataset)))]
-    yield from collated_batches(records, collate, data.batch_size)
+    # answer_mean needs the teacher-forced answers (train collation, labels); first_token needs prompts only.
+    mode = "train" if metric == "answer_mean" else "generate"
+    yield from calibration_batches(processor, records, data.batch_size, mode=mode)
 
 
 def measure_cost(
@@ -97,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> CalibrationRecord:
     model, processor = load_model(run.model)
     controller = attach(model)
     cfg = run.calibration
-    batches = list(calibration_batches(run.data, model, processor, cfg.num_samples, cfg.metric))
+    batches = list(sample_batches(run.data, model, processor, cfg.num_samples, cfg.metric))
     record = calibrate(model, batches, cfg)
     path = record.save(run.output)
     candidates = record.candidate_layers

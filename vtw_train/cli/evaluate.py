@@ -1,4 +1,4 @@
-"""``scripts/evaluate.py --config cfg.yaml``: every visual-token reduction method side by side.
+"""``vtw-train evaluate --config cfg.yaml`` (or ``scripts/evaluate.py``): every reduction method side by side.
 
 1. load the model (and, optionally, a gated checkpoint's adapters and exit gate);
 2. read the evaluation records (writing synthetic ones on first use) and a disjoint calibration set;
@@ -20,9 +20,10 @@ from typing import Any, Literal
 
 import torch
 
+from ..config import parse_config
 from ..data.llava_format import LlavaJsonDataset
 from ..data.records import VQARecord
-from ..harness import (
+from ..evaluation import (
     CalibrationSettings,
     GenerationSettings,
     HarnessResult,
@@ -36,9 +37,8 @@ from ..harness import (
     summary_markdown,
     write_reports,
 )
-from ..harness.report import PER_TYPE_COLUMNS, STRATEGY_TABLE_COLUMNS, per_type_table
+from ..evaluation.report import PER_TYPE_COLUMNS, STRATEGY_TABLE_COLUMNS, per_type_table
 from ..models import ModelSpec, load_model
-from .config import parse_config
 
 
 @dataclass
@@ -47,57 +47,69 @@ class SyntheticEvalData:
 
     The seeds differ from the toy model's training (0) and monitoring (12345) seeds and from the
     gate's training/validation seeds (101/202), so no evaluated sample was seen in training.
-    0 samples: write nothing.
     """
 
     eval_samples: int = 0
+    """Evaluation records to write (0: write nothing)."""
     eval_seed: int = 303
+    """Seed of the evaluation records."""
     calibration_samples: int = 0
+    """Calibration records to write to ``data.calibration_path`` (0: write nothing)."""
     calibration_seed: int = 404
+    """Seed of the calibration records."""
 
 
 @dataclass
 class EvalData:
-    """Evaluation and calibration records (LLaVA JSON/JSONL).
-
-    num_samples: records evaluated, the first ones of ``path`` (0: all).
-    calibration_path: records for calibration; when unset (or the same file), the records
-        after the evaluated ones in ``path`` are used, so calibration never sees an evaluated sample.
-    """
+    """Evaluation and calibration records (LLaVA JSON/JSONL)."""
 
     path: str = "outputs/data/evaluate/eval.jsonl"
+    """Records to evaluate."""
     image_root: str | None = None
+    """Folder that image paths in the records are relative to (default: the records' folder)."""
     num_samples: int = 0
+    """Records evaluated, the first ones of ``path`` (0: all)."""
     calibration_path: str | None = None
+    """Records for calibration; when unset (or the same file), the records after the evaluated ones
+    in ``path`` are used, so calibration never sees an evaluated sample."""
     synthetic: SyntheticEvalData = field(default_factory=SyntheticEvalData)
+    """Synthetic records written on first use."""
 
 
 @dataclass
 class EvaluateRun:
-    """The whole evaluation run.
-
-    gated_checkpoint: a directory exported by train_gate.py; needed by the gate strategies,
-        which run with its LoRA adapters on (every other strategy runs on the base model).
-    budget: the FLOPs ratio at which the verdict names the best strategy.
-    device: ``auto`` picks CUDA when available.
-    threads: torch intra-op threads (0: torch's default). On small models and shared CPUs one
-        thread is often several times faster than two.
-    """
+    """The whole evaluation run."""
 
     model: ModelSpec = field(default_factory=lambda: ModelSpec(path="toy"))
+    """The base model."""
     gated_checkpoint: str | None = None
+    """A directory exported by `vtw-train train`; needed by the gate strategies, which run with its LoRA
+    adapters on (every other strategy runs on the base model)."""
     data: EvalData = field(default_factory=EvalData)
+    """Evaluation and calibration records."""
     strategies: StrategySweep = field(default_factory=StrategySweep)
+    """The strategies to compare (the full model always runs)."""
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
+    """Calibration of VTW's K and ShortV's Layer Contribution."""
     generation: GenerationSettings = field(default_factory=GenerationSettings)
+    """Greedy decoding of the answers."""
     timing: TimingSettings = field(default_factory=TimingSettings)
+    """Interleaved prefill timing."""
     budget: float = 0.5
+    """The FLOPs ratio at which the verdict names the best strategy."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """``auto`` picks CUDA when available."""
     threads: int = 0
+    """torch intra-op threads (0: torch's default). On small models and shared CPUs one thread is
+    often several times faster than two."""
     output_dir: str = "outputs/evaluate"
+    """Where results.json, results.csv, predictions.jsonl, summary.md and the plot are written."""
     wandb: bool = True
+    """Log the tables and the plot to W&B (WANDB_MODE wins)."""
     wandb_project: str = "vtw-train"
+    """W&B project."""
     run_name: str | None = None
+    """W&B run name."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.budget <= 1.0:
@@ -178,7 +190,7 @@ def _load(run: EvaluateRun, device: torch.device) -> tuple[Any, Any, Any]:
     elif run.strategies.needs_gate:
         key = "strategies.gate" if run.strategies.gate else "strategies.vispruner_gate"
         raise ValueError(
-            f"{key} needs a learned gate: set gated_checkpoint to a checkpoint exported by train_gate.py"
+            f"{key} needs a learned gate: set gated_checkpoint to a checkpoint exported by `vtw-train train`"
         )
     model.to(device).eval()
     if gate is not None:
@@ -196,7 +208,7 @@ def _calibration_needed(run: EvaluateRun) -> int:
 
 def log_to_wandb(run: EvaluateRun, result: HarnessResult, plot: Path, out_dir: Path) -> None:
     """The strategy table, the per-type table, the plot and the verdict, when W&B is not disabled."""
-    from ..lit.wandb import resolve_wandb_mode
+    from ..training.wandb import resolve_wandb_mode
 
     mode = resolve_wandb_mode()
     if not run.wandb or mode == "disabled":

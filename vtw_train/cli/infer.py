@@ -1,21 +1,22 @@
-"""``scripts/infer.py``: answer one question about one image with a gated checkpoint.
+"""``vtw-train infer`` (or ``scripts/infer.py``): answer one question about one image with a gated checkpoint.
 
 Prints the answer, the decoder layer after which the image tokens were withdrawn, and the
-prefill FLOPs that saved for this prompt (METHODS.md §11 FLOPs model), so a user sees what
+prefill FLOPs that saved for this prompt (docs/methods.md §11 FLOPs model), so a user sees what
 the gate did on their own input rather than a benchmark average.
 """
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from ..flops import DecoderDims, ExitPlan, prefill_flops
+from ..adapters import base_model_of
+from ..config import parse_config
+from ..flops import DecoderDims, ExitPlan, prefill_flops, token_counts
 
 
 @dataclass
@@ -47,34 +48,30 @@ class InferenceResult:
     flops: FlopsSaving
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="infer.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--checkpoint", required=True, help="gated checkpoint directory (export_gated_checkpoint)"
-    )
-    parser.add_argument("--image", required=True, help="image file (PNG, JPEG, ...)")
-    parser.add_argument("--question", required=True, help="the question about the image")
-    parser.add_argument(
-        "--base-model",
-        default=None,
-        help="base model directory or 'toy' (default: the one the manifest records)",
-    )
-    parser.add_argument(
-        "--policy",
-        choices=("gate", "fixed", "gate_capped"),
-        default=None,
-        help="exit policy (default: the checkpoint's)",
-    )
-    parser.add_argument("--tau", type=float, default=None, help="gate threshold override, in (0, 1]")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as trained)")
-    parser.add_argument(
-        "--attn-implementation", default="sdpa", choices=("sdpa", "eager", "flash_attention_2")
-    )
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
-    return parser
+@dataclass
+class InferRun:
+    """One question about one image."""
+
+    checkpoint: str
+    """Gated checkpoint directory (written by ``vtw-train train`` or ``export_gated_checkpoint``)."""
+    image: str
+    """Image file (PNG, JPEG, ...)."""
+    question: str
+    """The question about the image."""
+    base_model: str | None = None
+    """Base model directory or ``toy`` (default: the one the checkpoint's manifest records)."""
+    policy: Literal["gate", "fixed", "gate_capped"] | None = None
+    """Exit policy (default: the checkpoint's)."""
+    tau: float | None = None
+    """Gate threshold override, in (0, 1]."""
+    max_new_tokens: int = 32
+    """Longest answer in tokens."""
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """Dtype to run in (default: the one the adapter was trained in)."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention backend."""
+    device: str = "auto"
+    """cpu, cuda, cuda:1, ... (auto: cuda when available)."""
 
 
 def build_prompt(processor: Any, image: Any, question: str) -> dict[str, torch.Tensor]:
@@ -90,12 +87,11 @@ def build_prompt(processor: Any, image: Any, question: str) -> dict[str, torch.T
 
 def prompt_counts(inputs: dict[str, torch.Tensor], visual_token_ids: Sequence[int]) -> PromptCounts:
     """Count visual and other real tokens of a batch-1 prompt."""
-    ids = inputs["input_ids"][0]
+    ids = inputs["input_ids"][:1]
+    visual = torch.isin(ids, torch.tensor(list(visual_token_ids), device=ids.device))
     mask = inputs.get("attention_mask")
-    real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask[0].bool()
-    visual = torch.isin(ids, torch.tensor(list(visual_token_ids), device=ids.device)) & real
-    n_visual = int(visual.sum())
-    return PromptCounts(n_text=int(real.sum()) - n_visual, n_visual=n_visual)
+    n_text, n_visual = token_counts(visual, None if mask is None else mask[:1])
+    return PromptCounts(n_text=n_text[0], n_visual=n_visual[0])
 
 
 def flops_saving(config: Any, counts: PromptCounts, exit_layer: int) -> FlopsSaving:
@@ -134,7 +130,7 @@ def answer(vlm: Any, image: Any, question: str, max_new_tokens: int = 32) -> Inf
     exit_layer = exit_layer_taken(vlm.last_exit_layers, vlm.num_layers)
     new_tokens = output[:, inputs["input_ids"].shape[1] :]
     text = vlm.processor.batch_decode(new_tokens, skip_special_tokens=True)[0].strip()
-    config = vlm.model.get_base_model().config
+    config = base_model_of(vlm.model).config
     return InferenceResult(text, exit_layer, vlm.num_layers, counts, flops_saving(config, counts, exit_layer))
 
 
@@ -158,7 +154,7 @@ def format_result(result: InferenceResult, policy: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> InferenceResult:
-    args = build_parser().parse_args(argv)
+    args = parse_config(InferRun, argv, "vtw-train infer", __doc__ or "")
     from ..checkpoint import GatedVLM
     from ..data.records import load_image
 
@@ -166,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> InferenceResult:
     if not image_path.is_file():
         raise SystemExit(f"--image {image_path}: no such file.")
     if args.max_new_tokens < 1:
-        raise SystemExit("--max-new-tokens must be >= 1.")
+        raise SystemExit("--max_new_tokens must be >= 1.")
     try:
         vlm = GatedVLM.from_pretrained(
             args.checkpoint,

@@ -1,11 +1,11 @@
-"""Data layer: LLaVA-format reading, processor-based collation, synthetic VQA, evaluation.
+"""Data layer: LLaVA-format reading, processor-based collation, synthetic VQA, the answer convention.
 
 Public API::
 
     LlavaJsonDataset(path, image_root=None, on_error="raise" | "skip")  -> VQARecord items
     VLMCollator(processor, mode="train" | "generate", max_length=None)
     VLMDataModule(train_path, val_path, processor, batch_size, num_workers, on_error)
-    evaluate_exact_match(model, processor, records, batch_size) -> ExactMatchResult
+    answer_normalize(text) / is_match(prediction, answer)
     synthetic.generate_dataset(out_dir, n, seed)  -> data.jsonl + images/*.png
 
 The Lightning data module is imported lazily so that readers and collators work
@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from vtw_train.data import synthetic
+from vtw_train.data.answers import answer_normalize, is_match
 from vtw_train.data.collate import (
     IGNORE_INDEX,
     ImageTokenMismatchError,
@@ -24,15 +25,9 @@ from vtw_train.data.collate import (
     collated_batches,
     model_inputs,
 )
-from vtw_train.data.exact_match import (
-    ExactMatchResult,
-    evaluate_exact_match,
-    majority_baseline,
-    visual_token_share,
-)
 from vtw_train.data.llava_format import DataFormatError, LlavaJsonDataset, parse_record
 from vtw_train.data.records import Turn, VQARecord, from_conversation, from_sample, load_image
-from vtw_train.data.synthetic import answer_normalize, generate_dataset
+from vtw_train.data.synthetic import generate_dataset
 
 if TYPE_CHECKING:
     from vtw_train.data.datamodule import VLMDataModule
@@ -49,7 +44,6 @@ def __getattr__(name: str):
 __all__ = [
     "IGNORE_INDEX",
     "DataFormatError",
-    "ExactMatchResult",
     "ImageTokenMismatchError",
     "LlavaJsonDataset",
     "Turn",
@@ -59,13 +53,11 @@ __all__ = [
     "VLMDataModule",
     "VQARecord",
     "answer_normalize",
-    "evaluate_exact_match",
     "from_conversation",
     "from_sample",
     "generate_dataset",
+    "is_match",
     "load_image",
-    "majority_baseline",
     "parse_record",
     "synthetic",
-    "visual_token_share",
 ]

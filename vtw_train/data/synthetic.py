@@ -353,12 +353,6 @@ def generate_conversation(
     return out
 
 
-def answer_normalize(text: str) -> str:
-    """Lowercase, strip punctuation and collapse whitespace: the exact-match convention."""
-    keep = "".join(ch if ch.isalnum() or ch.isspace() else " " for ch in text.lower())
-    return " ".join(keep.split())
-
-
 def vocabulary() -> list[str]:
     """Every word the generator can emit (questions and answers), in a fixed order."""
     words = [
@@ -466,7 +460,6 @@ __all__: Sequence[str] = [
     "Scene",
     "SceneObject",
     "TWO_OBJECT_TYPES",
-    "answer_normalize",
     "ensure_dataset",
     "generate_conversation",
     "generate_dataset",

@@ -1,14 +1,24 @@
-"""The exit engine: withdraw visual tokens from the text decoder after layer K."""
+"""The engine: reduce visual tokens inside the text decoder (exit after layer K, freeze, prune).
+
+``attach(model)`` installs it; the returned controller applies one :class:`Reduction` at a
+time. The engine imports no method: methods plug in through :class:`InLayerPruning`,
+:class:`InputPruner` and :data:`ExitRule`.
+"""
 
 from .cache import ExitState, WithdrawalCache
-from .controller import DynamicExit, ExitController, attach, controller_of
+from .controller import ExitController, attach, controller_of
 from .families import supported_model_classes
 from .layout import TextLayout, build_text_layout
+from .reduction import FULL, ExitRule, InLayerPruning, InputPruner, Reduction
 
 __all__ = [
-    "DynamicExit",
+    "FULL",
     "ExitController",
+    "ExitRule",
     "ExitState",
+    "InLayerPruning",
+    "InputPruner",
+    "Reduction",
     "TextLayout",
     "WithdrawalCache",
     "attach",

@@ -81,7 +81,7 @@ class WithdrawalCache(DynamicCache):
     ``get_seq_length()`` with no layer index answers the full-stream length, which is what
     every caller of that form wants (position ids, ``generate()`` bookkeeping, Qwen2-VL's
     rope deltas); with an explicit layer index it answers that layer's own length, which is
-    what the mask builder asks for. With K = 0 the two differ (ENGINE_NOTES trap 2).
+    what the mask builder asks for. With K = 0 the two differ (docs/engine.md, trap 2).
     """
 
     exit_state: ExitState | None = None

@@ -1,7 +1,7 @@
 """Installing the engine on a model, and the handle users steer it with.
 
-The exit layer lives on the controller, not in ``forward`` kwargs, because ``generate()``
-rejects unknown keyword arguments (ENGINE_NOTES trap 6). It is read once per prefill; a
+The reduction lives on the controller, not in ``forward`` kwargs, because ``generate()``
+rejects unknown keyword arguments (docs/engine.md, trap 6). It is read once per prefill; a
 cache carries the decision of its prefill through every decode step.
 """
 
@@ -15,24 +15,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..adapters import base_model_of
 from ..errors import WithdrawalError
 from .families import FamilyAdapter, adapter_for
-from .families import _unwrap_peft as unwrap_peft
 from .forward import WithdrawalForward
-
-ExitLayer = int | torch.Tensor | None
-#: ``f(layer, hidden_full_rows, rows, visual, padding) -> BoolTensor[len(rows)] | None``:
-#: called after ``layer`` for the samples still reading visual tokens; True withdraws them
-#: from ``layer + 1`` on. The learned gate plugs in here.
-DynamicExit = Callable[
-    [int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor | None
-]
+from .reduction import FULL, ExitLayer, Reduction
 
 _ATTR = "_vtw_controller"
 
 
 class ExitController:
-    """Steers visual-token withdrawal on one model. Obtain it from :func:`attach`."""
+    """Steers visual-token reduction on one model. Obtain it from :func:`attach`.
+
+    Its whole state is one :class:`~vtw_train.engine.Reduction`: set ``reduction`` (or use
+    ``with controller.using(...)``) to change how tokens are reduced; ``exit_layer`` is a
+    shortcut for the most common case, VTW's fixed K.
+    """
 
     def __init__(self, model: nn.Module, adapter: FamilyAdapter) -> None:
         self.model = model
@@ -41,10 +39,7 @@ class ExitController:
         self.wrapper = adapter.wrapper(model)
         self.num_layers: int = len(self.language_model.layers)
         self.visual_token_ids: tuple[int, ...] = adapter.visual_token_ids(model)
-        self._exit_layer: ExitLayer = None
-        self._dynamic_exit: DynamicExit | None = None
-        self._frozen_layers: frozenset[int] = frozenset()
-        self._fastv: Any = None
+        self._reduction: Reduction = FULL
         self._pending_visual: torch.Tensor | None = None
         self.last_exit_layers: torch.Tensor | None = None
         self._hooks: list[Any] = []
@@ -53,60 +48,56 @@ class ExitController:
 
     # ------------------------------------------------------------------ public
     @property
+    def reduction(self) -> Reduction:
+        """How visual tokens are reduced in the next prefill (``Reduction()``: the full model)."""
+        return self._reduction
+
+    @reduction.setter
+    def reduction(self, value: Reduction | None) -> None:
+        self._reduction = self._checked(FULL if value is None else value)
+
+    @property
     def exit_layer(self) -> ExitLayer:
-        """``None`` (full model), an int K in ``[0, num_layers]``, or a LongTensor ``[batch]`` of K per sample."""
-        return self._exit_layer
+        """``None`` (no fixed exit), an int K in ``[0, num_layers]``, or a LongTensor ``[batch]`` of K per sample.
+
+        Setting it changes only the exit layer of the current reduction.
+        """
+        return self._reduction.exit_layer
 
     @exit_layer.setter
     def exit_layer(self, value: ExitLayer) -> None:
-        self._exit_layer = self._validate(value)
-
-    @property
-    def dynamic_exit(self) -> DynamicExit | None:
-        """A per-input exit rule (the learned gate); when set it decides, capped by ``exit_layer`` if that is set."""
-        return self._dynamic_exit
-
-    @dynamic_exit.setter
-    def dynamic_exit(self, rule: DynamicExit | None) -> None:
-        self._dynamic_exit = rule
-
-    @property
-    def frozen_layers(self) -> frozenset[int]:
-        """ShortV: layers in which visual tokens get no update (they still serve as keys/values)."""
-        return self._frozen_layers
-
-    @frozen_layers.setter
-    def frozen_layers(self, layers) -> None:
-        layers = frozenset(int(layer) for layer in (layers or ()))
-        bad = sorted(layer for layer in layers if not 0 <= layer < self.num_layers)
-        if bad:
-            raise WithdrawalError(
-                f"frozen_layers {bad} are out of range: decoder layers are [0, {self.num_layers - 1}]."
-            )
-        self._frozen_layers = layers
-
-    @property
-    def fastv(self):
-        """FastV settings (``vtw_train.methods.fastv.FastV``) or None. Not combinable with exits."""
-        return self._fastv
-
-    @fastv.setter
-    def fastv(self, settings) -> None:
-        if settings is not None and not 1 <= settings.layer < self.num_layers:
-            raise WithdrawalError(
-                f"FastV layer {settings.layer} is out of range: valid layers are [1, {self.num_layers - 1}]."
-            )
-        self._fastv = settings
+        try:
+            candidate = self._reduction.replace(exit_layer=value)
+        except WithdrawalError as err:
+            raise WithdrawalError(f"{err} Valid exit layers are [0, {self.num_layers}].") from None
+        self._reduction = self._checked(candidate)
 
     @contextmanager
-    def exiting_at(self, exit_layer: ExitLayer) -> Iterator[ExitController]:
-        """Temporarily use ``exit_layer`` (for calibration and A/B comparisons)."""
-        previous = self._exit_layer
-        self.exit_layer = exit_layer
+    def using(self, reduction: Reduction | None = None, /, **fields: Any) -> Iterator[ExitController]:
+        """Run a block under ``reduction`` (or ``Reduction(**fields)``), then restore the previous one.
+
+        The block gets exactly that reduction: fields not given are off, never inherited from
+        the reduction in place before, so one strategy cannot leak into the next.
+        """
+        if reduction is not None and fields:
+            raise TypeError("using() takes a Reduction or its fields, not both.")
+        if reduction is None:
+            try:
+                reduction = Reduction(**fields)
+            except WithdrawalError as err:
+                raise WithdrawalError(f"{err} Valid exit layers are [0, {self.num_layers}].") from None
+        previous = self._reduction
+        self.reduction = reduction
         try:
             yield self
         finally:
-            self._exit_layer = previous
+            self._reduction = previous
+
+    def visual_positions(
+        self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """``[B, T]`` bool: where the visual tokens of a prompt sit (None when neither input is given)."""
+        return self._visual_mask(input_ids, inputs_embeds)
 
     def detach(self) -> None:
         """Restore the original model: the stock decoder forward, no hooks, no controller."""
@@ -128,45 +119,17 @@ class ExitController:
         return self._installed
 
     # ------------------------------------------------------------------ engine-facing
-    def _validate(self, value: ExitLayer) -> ExitLayer:
-        valid = f"[0, {self.num_layers}]"
-        if value is None:
-            return None
-        if isinstance(value, bool):
+    def _checked(self, reduction: Reduction) -> Reduction:
+        if not isinstance(reduction, Reduction):
             raise WithdrawalError(
-                f"exit_layer must be None, an int in {valid} or a LongTensor [batch]; got a bool."
+                f"controller.reduction must be a vtw_train.engine.Reduction, got {type(reduction).__name__}."
             )
-        if isinstance(value, int):
-            if not 0 <= value <= self.num_layers:
-                raise WithdrawalError(f"exit_layer={value} is out of range: valid exit layers are {valid}.")
-            return value
-        if isinstance(value, torch.Tensor):
-            if value.dim() != 1 or value.dtype not in (
-                torch.int64,
-                torch.int32,
-                torch.int16,
-                torch.int8,
-                torch.uint8,
-            ):
-                raise WithdrawalError(
-                    f"A per-sample exit_layer must be a 1-D integer tensor [batch] with values in {valid} "
-                    f"(valid exit layers are {valid}); got dtype {value.dtype} and shape {tuple(value.shape)}."
-                )
-            if value.numel() and (int(value.min()) < 0 or int(value.max()) > self.num_layers):
-                raise WithdrawalError(
-                    f"exit_layer values {value.tolist()} are out of range: valid exit layers are {valid}."
-                )
-            return (
-                value.detach().long().clone()
-            )  # a copy: later edits to the caller's tensor must not bypass checks
-        raise WithdrawalError(
-            f"exit_layer must be None, an int in {valid} or a LongTensor [batch]; got {type(value).__name__}."
-        )
+        return reduction.validate(self.num_layers)
 
-    def _resolve_exit_layers(self, batch: int, device: torch.device) -> torch.Tensor | None:
-        value = self._exit_layer
+    def resolve_exit_layers(self, batch: int, device: torch.device) -> torch.Tensor | None:
+        value = self._reduction.exit_layer
         if value is None:
-            if self._dynamic_exit is None:
+            if self._reduction.exit_rule is None:
                 return None
             return torch.full((batch,), self.num_layers, dtype=torch.long, device=device)
         if isinstance(value, int):
@@ -182,10 +145,10 @@ class ExitController:
             f"exit_layer has {value.numel()} entries but the batch has {batch} samples; give one K per sample."
         )
 
-    def _record_exits(self, exits: torch.Tensor | None) -> None:
+    def record_exits(self, exits: torch.Tensor | None) -> None:
         self.last_exit_layers = None if exits is None else exits.detach().clone()
 
-    def _take_visual_mask(self) -> torch.Tensor | None:
+    def take_visual_mask(self) -> torch.Tensor | None:
         mask, self._pending_visual = self._pending_visual, None
         return mask
 
@@ -242,11 +205,11 @@ def attach(model: nn.Module) -> ExitController:
     """Install the withdrawal engine on ``model`` in place and return its controller.
 
     Idempotent: attaching twice returns the same controller. Works on a peft-wrapped model
-    too (the engine sits below the adapters). Raises :class:`~vtw_train.UnsupportedModelError`
-    for model classes without an adapter.
+    too (the engine sits below the adapters). A new controller starts with the full model.
+    Raises :class:`~vtw_train.UnsupportedModelError` for model classes without an adapter.
     """
     adapter = adapter_for(model)
-    base = unwrap_peft(model)
+    base = base_model_of(model)
     existing = getattr(base, _ATTR, None)
     if isinstance(existing, ExitController) and existing.attached:
         return existing
@@ -257,4 +220,4 @@ def attach(model: nn.Module) -> ExitController:
 
 def controller_of(model: nn.Module) -> ExitController | None:
     """The controller attached to ``model`` (or its peft base), if any."""
-    return getattr(unwrap_peft(model), _ATTR, None)
+    return getattr(base_model_of(model), _ATTR, None)

@@ -1,7 +1,7 @@
 """The replacement ``forward`` of the text decoder.
 
 Only the decoder's own loop is replaced; decoder layers, rotary module, mask builder and
-cache are the stock ones (ENGINE_NOTES, "The shape that works"). The loop keeps at most two
+cache are the stock ones (docs/engine.md). The loop keeps at most two
 groups of samples: those still reading visual tokens (full stream) and those that have
 withdrawn them (text stream, re-padded). A sample moves from the first group to the second
 before its exit layer K, so each sample pays for visual tokens only up to its own K.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from transformers.masking_utils import create_causal_mask
@@ -19,10 +19,37 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ..errors import WithdrawalError
 from .cache import FULL, MIXED, TEXT, ExitState, WithdrawalCache
+from .frozen import frozen_layer_forward
 from .layout import TextLayout, build_text_layout
 
 if TYPE_CHECKING:
-    from .controller import ExitController
+    from .families import FamilyAdapter
+    from .reduction import Reduction
+
+
+class Steering(Protocol):
+    """What the decoder loop needs from whoever steers it (the ``ExitController``).
+
+    A protocol rather than an import, so that the controller (which installs this loop) and the
+    loop do not import each other.
+    """
+
+    adapter: FamilyAdapter
+    num_layers: int
+    reduction: Reduction
+
+    def take_visual_mask(self) -> torch.Tensor | None:
+        """The visual positions of the prompt entering the decoder now (read once)."""
+        ...
+
+    def resolve_exit_layers(self, batch: int, device: torch.device) -> torch.Tensor | None:
+        """The reduction's fixed K per sample (None: no fixed exit)."""
+        ...
+
+    def record_exits(self, exits: torch.Tensor | None) -> None:
+        """Remember where each sample of the last prefill exited."""
+        ...
+
 
 _UNSUPPORTED_OUTPUTS = ("output_attentions", "output_hidden_states")
 
@@ -121,9 +148,7 @@ class _TextMasks:
 class WithdrawalForward:
     """Callable installed as ``language_model.forward``; delegates to the stock forward when nothing is withdrawn."""
 
-    def __init__(
-        self, controller: ExitController, language_model: torch.nn.Module, original: Callable
-    ) -> None:
+    def __init__(self, controller: Steering, language_model: torch.nn.Module, original: Callable) -> None:
         self.controller = controller
         self.lm = language_model
         self.original = original
@@ -148,31 +173,28 @@ class WithdrawalForward:
             use_cache=use_cache,
             **kwargs,
         )
-        visual = self.controller._take_visual_mask()
+        visual = self.controller.take_visual_mask()
         if isinstance(past_key_values, WithdrawalCache) and past_key_values.exit_state is not None:
             return self._decode(**call)
         prefill = past_key_values is None or past_key_values.get_seq_length() == 0
         if not prefill or visual is None or not bool(visual.any()):
             return self.original(**call)
         controller = self.controller
-        exits = controller._resolve_exit_layers(visual.shape[0], visual.device)
-        dynamic = controller._dynamic_exit
-        fastv = controller._fastv
-        if fastv is not None:
-            if controller._exit_layer is not None or dynamic is not None:
-                raise WithdrawalError(
-                    "FastV cannot be combined with exit_layer or a gate in one forward (both reduce visual tokens "
-                    "inside the decoder); set controller.fastv = None or exit_layer = None."
-                )
-            exits = torch.full((visual.shape[0],), fastv.layer, dtype=torch.long, device=visual.device)
-        reduces = exits is not None and (dynamic is not None or bool((exits < controller.num_layers).any()))
-        if not reduces and not controller._frozen_layers:
+        reduction = controller.reduction
+        exits = controller.resolve_exit_layers(visual.shape[0], visual.device)
+        pruning = reduction.pruning
+        if pruning is not None:
+            exits = torch.full((visual.shape[0],), pruning.layer, dtype=torch.long, device=visual.device)
+        reduces = exits is not None and (
+            reduction.exit_rule is not None or bool((exits < controller.num_layers).any())
+        )
+        if not reduces and not reduction.frozen_layers:
             return self.original(**call)
         if exits is None:
             exits = torch.full(
                 (visual.shape[0],), controller.num_layers, dtype=torch.long, device=visual.device
             )
-        return self._prefill(visual=visual, exits=exits, **call)
+        return self._prefill(visual=visual, exits=exits, reduction=reduction, **call)
 
     # ------------------------------------------------------------------ shared helpers
     def _check_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -180,7 +202,7 @@ class WithdrawalForward:
             if kwargs.pop(name, None):
                 raise WithdrawalError(
                     f"{name}=True is not supported while visual tokens are withdrawn (layers after the exit see "
-                    "fewer tokens). Set controller.exit_layer = None for that call."
+                    "fewer tokens). Set controller.exit_layer = None, or run that call under controller.using()."
                 )
         kwargs.pop("return_dict", None)
         return kwargs
@@ -233,6 +255,7 @@ class WithdrawalForward:
         *,
         visual: torch.Tensor,
         exits: torch.Tensor,
+        reduction: Reduction,
         input_ids,
         attention_mask,
         position_ids,
@@ -281,7 +304,7 @@ class WithdrawalForward:
             full_positions=None if positions.text is None else _expand_batch(positions.text, batch),
             use_cache=use_cache,
             kwargs=kwargs,
-            frozen=controller._frozen_layers,
+            frozen=reduction.frozen_layers,
         )
         ctx.set_dropped(self, visual, inputs_embeds)
 
@@ -293,8 +316,8 @@ class WithdrawalForward:
         text = _Group(
             text_rows, ctx.layout.gather(inputs_embeds[~starts_full], text_rows, ctx.layout.width(text_rows))
         )
-        dynamic = controller._dynamic_exit
-        fastv = controller._fastv
+        dynamic = reduction.exit_rule
+        fastv = reduction.pruning
         previous_input = None
 
         for layer_idx in range(controller.num_layers):
@@ -333,7 +356,7 @@ class WithdrawalForward:
             hidden = ctx.layout.scatter(text.hidden, hidden, text.rows)
         hidden = self.lm.norm(hidden)
 
-        controller._record_exits(None if fastv is not None else exits)  # FastV prunes, it does not exit
+        controller.record_exits(None if fastv is not None else exits)  # FastV prunes, it does not exit
         if cache is not None:
             padding = (
                 attention_mask.long()
@@ -367,8 +390,6 @@ class WithdrawalForward:
         rows = group.rows
         whole = len(rows) == ctx.batch
         if is_full and layer_idx in ctx.frozen:
-            from ..methods.shortv import frozen_layer_forward
-
             padding = None if ctx.padding is None else ctx.padding[rows]
             return frozen_layer_forward(
                 self.lm.layers[layer_idx],

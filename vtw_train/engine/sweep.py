@@ -76,8 +76,8 @@ def run_sweep(
     hooks = [layer.register_forward_pre_hook(capture, with_kwargs=True) for layer in lm.layers]
     hooks.append(lm.layers[-1].register_forward_hook(capture_last, with_kwargs=True))
     try:
-        with controller.exiting_at(None):
-            visual = controller._visual_mask(inputs.get("input_ids"), None)
+        with controller.using():
+            visual = controller.visual_positions(inputs.get("input_ids"))
             inputs = {k: v for k, v in inputs.items() if k != "labels"}
             full_hidden = controller.wrapper(**inputs, use_cache=False)[0]
     finally:

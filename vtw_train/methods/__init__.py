@@ -1,5 +1,11 @@
-"""Visual-token reduction methods that act outside the exit engine (METHODS.md §5-7)."""
+"""Peer methods that plug into the engine: VisPruner (before the LLM) and FastV (inside it).
 
+ShortV's frozen-layer kernel is part of the engine (``Reduction.frozen_layers``) and its Layer
+Contribution is a calibration (``vtw_train.calibration.layer_contribution``); the learned gate
+is ``vtw_train.gate``.
+"""
+
+from .fastv import FastV
 from .vispruner import (
     ImagePruning,
     PruneInfo,
@@ -12,6 +18,7 @@ from .vispruner import (
 )
 
 __all__ = [
+    "FastV",
     "ImagePruning",
     "PruneInfo",
     "TokenSelection",

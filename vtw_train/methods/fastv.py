@@ -1,6 +1,6 @@
 """FastV: after layer K - 1, keep only the visual tokens the last prompt token attends to most.
 
-METHODS.md §7. The attention row is recomputed from layer K - 1's own projections (as
+docs/methods.md §7. The attention row is recomputed from layer K - 1's own projections (as
 PyramidDrop does), so SDPA stays on in every layer. Each sample keeps the same fraction of
 its own visual tokens, chosen within its own spans; kept tokens keep their original
 positions; layers from K on (and their KV cache) hold text plus the kept tokens.
@@ -13,14 +13,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .attention import query_attention_row
+from ..engine.attention import query_attention_row
 
 
 @dataclass(frozen=True)
 class FastV:
     """FastV settings: prune at ``layer`` (K >= 1), keeping ``keep_ratio`` of each sample's visual tokens.
 
-    Paper default: K = 2, prune R = 50% (keep_ratio 0.5).
+    Paper default: K = 2, prune R = 50% (keep_ratio 0.5). Use it as the engine's in-layer
+    pruning: ``controller.using(pruning=FastV(layer=2, keep_ratio=0.5))``.
     """
 
     layer: int = 2

@@ -23,7 +23,7 @@ def load_toy_vlm(attn_implementation: str = "sdpa", path: str | Path | None = No
     d = Path(path) if path is not None else toy_vlm_path()
     if not (d / "model.safetensors").exists():
         raise FileNotFoundError(
-            f"no toy VLM at {d}; build it with `python scripts/build_toy_vlm.py --config configs/toy_vlm.yaml`"
+            f"no toy VLM at {d}; build it with `python scripts/build_toy_vlm.py --config configs/toy/toy_vlm.yaml`"
         )
     model = AutoModelForImageTextToText.from_pretrained(d, attn_implementation=attn_implementation)
     processor = AutoProcessor.from_pretrained(d)

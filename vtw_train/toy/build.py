@@ -26,35 +26,45 @@ from vtw_train.toy.tokenizer import CHAT_TEMPLATE, CHAT_TEMPLATE_QUESTION_FIRST,
 
 @dataclass
 class ToyArchConfig:
-    """Architecture of the toy VLM (the committed model's values are in ``configs/toy_vlm.yaml``)."""
+    """Architecture of the toy VLM (the committed model's values are in ``configs/toy/toy_vlm.yaml``)."""
 
     image_size: int = IMAGE_SIZE
+    """Image side in pixels."""
     patch_size: int = PATCH
+    """Vision patch side in pixels ((image_size / patch_size)^2 visual tokens)."""
     vision_hidden: int = 128
+    """Width of the CLIP vision tower."""
     vision_layers: int = 4
+    """Depth of the vision tower."""
     vision_heads: int = 4
+    """Attention heads of the vision tower."""
     vision_intermediate: int = 512
+    """MLP width of the vision tower."""
     text_hidden: int = 128
+    """Width of the Llama decoder."""
     text_layers: int = 8
+    """Depth of the decoder."""
     text_heads: int = 4
+    """Attention heads of the decoder."""
     text_intermediate: int = 512
+    """MLP width of the decoder."""
     max_position_embeddings: int = 256
+    """Longest sequence the decoder's rotary table covers."""
     vision_feature_layer: int = -1
-    #: Scale the patch position embeddings' 2-D sinusoidal initialisation (0 keeps the default).
+    """Tower layer the projector reads."""
     position_init_scale: float = 1.0
-    #: Target std of projected visual tokens relative to word embeddings at initialisation.
+    """Scale of the patch position embeddings' 2-D sinusoidal initialisation (0 keeps the default)."""
     projector_init_ratio: float = 1.0
-    #: Std of the patch-embedding init (0 keeps CLIP's 0.02, which makes object content a
-    #: ~10% ripple on the background and position in the tower's input).
+    """Target std of projected visual tokens relative to word embeddings at initialisation."""
     patch_init_std: float = 0.072
-    #: Normalise images around the synthetic background colour, so empty patches embed to ~0.
+    """Std of the patch-embedding init (0 keeps CLIP's 0.02, which makes object content a ~10% ripple
+    on the background and position in the tower's input)."""
     background_mean: bool = True
-    #: Chat template order: "image_first" (LLaVA-1.5 eval style) or "question_first" (also in
-    #: LLaVA-1.5's training data). With the question first, each visual token can already
-    #: tell whether it is the object asked about (in our runs this learned faster than
-    #: searching 64 tokens from the question's end); later turns of a conversation still
-    #: come after the image.
+    """Normalise images around the synthetic background colour, so empty patches embed to ~0."""
     prompt_order: str = "image_first"
+    """Chat template order: "image_first" (LLaVA-1.5 eval style) or "question_first" (also in
+    LLaVA-1.5's training data). With the question first, each visual token can already tell whether
+    it is the object asked about; later turns of a conversation still come after the image."""
 
 
 def build_processor(arch: ToyArchConfig | None = None) -> LlavaProcessor:

@@ -1,14 +1,12 @@
-"""Typed configuration of the toy VLM build; unknown YAML keys fail loudly, naming the key."""
+"""Typed configuration of the toy VLM build (read through ``vtw_train.config``; a wrong key fails naming it)."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
-import yaml
-
+from vtw_train.config import ConfigError, config_from_dict, load_config_file
 from vtw_train.data.synthetic import KNOWN_QUESTION_TYPES
 from vtw_train.toy.build import ToyArchConfig
 from vtw_train.toy.vision_pretrain import VisionPretrainConfig
@@ -19,90 +17,97 @@ class PhaseConfig:
     """A stretch of training with its own question-type mix (a curriculum step)."""
 
     until_fraction: float
+    """The phase lasts while step < until_fraction * train.steps."""
     type_weights: dict[str, float]
+    """Relative weight of each question type drawn in this phase."""
     min_objects: int = 2
+    """Fewest objects per scene."""
     max_objects: int = 5
-
-    def __post_init__(self) -> None:
-        # A misspelt type would otherwise fail only when the phase starts, deep into a build.
-        unknown = sorted(set(self.type_weights) - set(KNOWN_QUESTION_TYPES))
-        if unknown:
-            raise ValueError(
-                f"type_weights: unknown question type(s) {unknown}; known: {list(KNOWN_QUESTION_TYPES)}"
-            )
+    """Most objects per scene."""
 
 
 @dataclass
 class TrainConfig:
+    """Stage 1: projector and decoder trained on fresh synthetic conversations."""
+
     seed: int = 0
+    """Seed of the model's initialisation and of the training data stream."""
     steps: int = 3000
+    """Optimizer steps."""
     batch_size: int = 32
-    #: Questions asked about each training image, as one multi-turn conversation (the
-    #: answers are 1-2 tokens, so more questions per image give more signal per step).
+    """Scenes per step."""
     questions_per_image: int = 1
+    """Questions asked about each training image, as one multi-turn conversation (answers are 1-2
+    tokens, so more questions per image give more signal per step)."""
     lr: float = 3e-4
+    """Peak learning rate (AdamW)."""
     warmup_steps: int = 30
-    #: Fraction of the run held at the peak learning rate before the cosine decay.
+    """Linear warmup steps."""
     flat_fraction: float = 0.7
+    """Fraction of the run held at the peak learning rate before the cosine decay."""
     min_lr_ratio: float = 0.02
+    """Final learning rate as a fraction of the peak."""
     betas: tuple[float, float] = (0.9, 0.98)
+    """AdamW betas."""
     weight_decay: float = 0.05
+    """AdamW weight decay."""
     grad_clip: float = 1.0
+    """Gradient norm clip."""
     threads: int = 1
+    """torch threads for the build (the committed weights depend on it: keep it to reproduce them)."""
     eval_every: int = 500
+    """Steps between monitor evaluations."""
     eval_samples: int = 700
-    #: Held-out seed used for monitoring; never used for training samples.
+    """Monitor samples (teacher-forced exact match)."""
     eval_seed: int = 12345
+    """Held-out seed used for monitoring; never used for training samples."""
     checkpoint_every: int = 500
+    """Steps between resumable checkpoints."""
     curriculum: list[PhaseConfig] = field(default_factory=list)
+    """Curriculum phases, in order; after the last one the default question mix is drawn."""
+
+    def __post_init__(self) -> None:
+        # A misspelt type would otherwise fail only when its phase starts, deep into a build.
+        for i, phase in enumerate(self.curriculum):
+            unknown = sorted(set(phase.type_weights) - set(KNOWN_QUESTION_TYPES))
+            if unknown:
+                raise ValueError(
+                    f"train.curriculum[{i}].type_weights: unknown question type(s) {unknown}; "
+                    f"known: {list(KNOWN_QUESTION_TYPES)}"
+                )
 
 
 @dataclass
 class ToyBuildConfig:
+    """The whole toy VLM build: architecture, stage 0 (the vision tower), stage 1 (the VLM)."""
+
     arch: ToyArchConfig = field(default_factory=ToyArchConfig)
+    """Architecture of the toy VLM."""
     train: TrainConfig = field(default_factory=TrainConfig)
-    #: Stage 0: the vision tower learns to describe each patch before the VLM trains.
+    """Stage 1: the VLM's supervised training."""
     vision_pretrain: VisionPretrainConfig = field(default_factory=VisionPretrainConfig)
-    #: Where the model is written; null means the packaged ``vtw_train/toy/toy_vlm``.
+    """Stage 0: the vision tower learns to describe each patch before the VLM trains."""
     output_dir: str | None = None
+    """Where the model is written; null means the packaged ``vtw_train/toy/toy_vlm``."""
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
-    if not dataclasses.is_dataclass(cls):
-        return data
-    if not isinstance(data, dict):
-        raise TypeError(f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
-    hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise KeyError(f"{where}: unknown key(s) {unknown} for {cls.__name__}; valid: {sorted(names)}")
-    kwargs = {}
-    for k, v in data.items():
-        hint = hints[k]
-        sub = f"{where}.{k}" if where else k
-        if dataclasses.is_dataclass(hint):
-            kwargs[k] = _build(hint, v, sub)
-        elif k == "curriculum":
-            kwargs[k] = [_build(PhaseConfig, p, f"{sub}[{i}]") for i, p in enumerate(v or [])]
-        elif k == "betas":
-            kwargs[k] = tuple(float(x) for x in v)
-        else:
-            kwargs[k] = v
-    try:
-        return cls(**kwargs)
-    except ValueError as err:
-        raise ValueError(f"{where}: {err}" if where else str(err)) from None
-
-
-def config_from_dict(data: dict) -> ToyBuildConfig:
-    """A config from its ``dataclasses.asdict`` form (as stored in a checkpoint) or parsed YAML."""
-    return _build(ToyBuildConfig, data, "")
+def config_from_checkpoint(data: dict[str, Any]) -> ToyBuildConfig:
+    """A config from its ``dataclasses.asdict`` form, as stored in a checkpoint."""
+    return config_from_dict(ToyBuildConfig, data, source="the checkpoint's config")
 
 
 def load_config(path: str | Path | None) -> ToyBuildConfig:
     """Read a YAML file into :class:`ToyBuildConfig` (defaults when ``path`` is None)."""
     if path is None:
         return ToyBuildConfig()
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    return config_from_dict(data)
+    return load_config_file(ToyBuildConfig, path)
+
+
+__all__ = [
+    "ConfigError",
+    "PhaseConfig",
+    "ToyBuildConfig",
+    "TrainConfig",
+    "config_from_checkpoint",
+    "load_config",
+]

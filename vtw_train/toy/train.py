@@ -27,7 +27,7 @@ from vtw_train.data.collate import IGNORE_INDEX, VLMCollator
 from vtw_train.data.records import from_conversation, from_sample
 from vtw_train.data.synthetic import QUESTION_TYPES, generate_conversation, generate_samples
 from vtw_train.toy.build import build_model, build_processor
-from vtw_train.toy.config import ToyBuildConfig, config_from_dict
+from vtw_train.toy.config import ToyBuildConfig, config_from_checkpoint
 from vtw_train.toy.vision_pretrain import pretrain_vision_tower
 
 
@@ -146,7 +146,7 @@ def load_trainer_state(out_dir: Path, cfg: ToyBuildConfig) -> dict:
         )
         raise ResumeError(f"cannot resume: {why}; start a new build without --resume")
     state = torch.load(path, weights_only=True)
-    _same_run_until(config_from_dict(json.loads(state["config"])), cfg, state["step"])
+    _same_run_until(config_from_checkpoint(json.loads(state["config"])), cfg, state["step"])
     if state["step"] >= cfg.train.steps:
         raise ResumeError(
             f"cannot resume: the checkpoint is at step {state['step']}, train.steps is {cfg.train.steps}"

@@ -56,16 +56,22 @@ class VisionPretrainConfig:
     """Stage 0 settings; ``steps: 0`` skips the stage (the tower then trains with the VLM)."""
 
     steps: int = 0
+    """Steps of tower pre-training with linear probes (0: skip the stage)."""
     batch_size: int = 64
+    """Scenes per step."""
     lr: float = 1e-3
+    """Peak learning rate."""
     warmup_steps: int = 50
+    """Linear warmup steps."""
     min_objects: int = 1
+    """Fewest objects per scene."""
     max_objects: int = 5
-    #: Keep the tower frozen while the VLM trains (LLaVA-1.5 freezes CLIP too); also faster.
+    """Most objects per scene."""
     freeze_after: bool = True
-    #: Also train [CLS] to name the objects present, so that [CLS] attention (VisPruner's
-    #: importance) finds them. Off in the committed build, whose weights predate it.
+    """Keep the tower frozen while the VLM trains (LLaVA-1.5 freezes CLIP too); also faster."""
     cls_target: bool = False
+    """Also train [CLS] to name the objects present, so that [CLS] attention (VisPruner's
+    importance) finds them. Off in the committed build, whose weights predate it."""
 
 
 def patch_targets(scene: Scene, patches_per_side: int = IMAGE_SIZE // PATCH) -> dict[str, torch.Tensor]:

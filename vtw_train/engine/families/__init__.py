@@ -1,6 +1,6 @@
 """Registry of supported model families, keyed on the model's class name.
 
-Unknown classes fail loudly (METHODS.md §1.4: silent fall-through on unknown models broke
+Unknown classes fail loudly (docs/methods.md §1.4: silent fall-through on unknown models broke
 other projects' configs). To add a family, write an adapter module and list it here.
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ...adapters import base_model_of
 from ...errors import UnsupportedModelError
 from .base import FamilyAdapter, SplitPositions
 from .llava import LlavaAdapter
@@ -22,7 +23,7 @@ def supported_model_classes() -> tuple[str, ...]:
 
 def adapter_for(model: nn.Module) -> FamilyAdapter:
     """Return the adapter for ``model`` or raise :class:`UnsupportedModelError`."""
-    name = type(_unwrap_peft(model)).__name__
+    name = type(base_model_of(model)).__name__
     for adapter in ADAPTERS:
         if name in adapter.model_classes:
             return adapter
@@ -30,12 +31,6 @@ def adapter_for(model: nn.Module) -> FamilyAdapter:
         f"vtw-train has no withdrawal adapter for {name}. Supported: {', '.join(supported_model_classes())}. "
         "To add a family, write an adapter in vtw_train/engine/families/ (see README, 'Adding a model family')."
     )
-
-
-def _unwrap_peft(model: nn.Module) -> nn.Module:
-    """peft wraps the model (PeftModel -> LoraModel -> model); the adapter keys on the base class."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
 
 
 __all__ = ["ADAPTERS", "FamilyAdapter", "SplitPositions", "adapter_for", "supported_model_classes"]

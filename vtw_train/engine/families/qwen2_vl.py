@@ -2,7 +2,7 @@
 
 Images and videos both count as visual. Position ids are M-RoPE: ``[3, B, T]`` (temporal,
 height, width), or ``[4, B, T]`` during ``generate()`` where row 0 carries the plain text
-positions that the mask builder needs (see ENGINE_NOTES trap 11).
+positions that the mask builder needs (see docs/engine.md, trap 11).
 """
 
 from __future__ import annotations

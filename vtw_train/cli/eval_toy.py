@@ -1,0 +1,125 @@
+"""``vtw-train eval-toy``: held-out exact match of the toy VLM per question type, with baselines and controls.
+
+    vtw-train eval-toy                              # committed model, 700 held-out samples
+    vtw-train eval-toy --noise true --blank true    # also with noise / blank images instead
+    vtw-train eval-toy --exit_sweep true            # also accuracy at every fixed exit layer K
+
+The held-out seed (default 999) is never used in training (training draws from ``train.seed``,
+monitoring from ``train.eval_seed``).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import parse_config
+
+
+@dataclass
+class EvalToyRun:
+    """Which model, which samples, which controls."""
+
+    model_dir: str | None = None
+    """A toy model directory (default: the committed one)."""
+    n: int = 700
+    """Held-out samples (uniform over question types)."""
+    seed: int = 999
+    """Held-out seed (never used in training)."""
+    batch_size: int = 64
+    """Prompts per generate call."""
+    noise: bool = False
+    """Also evaluate with every image replaced by uniform noise."""
+    blank: bool = False
+    """Also evaluate with every image replaced by the empty background."""
+    threads: int = 1
+    """torch threads."""
+    json: str | None = None
+    """Write the numbers to this file."""
+    exit_sweep: bool = False
+    """Also accuracy per type at every fixed exit layer K and the KL calibration curve."""
+    calib_samples: int = 256
+    """Samples for the KL curve of the exit sweep."""
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    from PIL import Image
+
+    from ..data.records import from_sample
+    from ..data.synthetic import BACKGROUND, IMAGE_SIZE, generate_samples, noise_image
+    from ..evaluation import evaluate_exact_match, majority_baseline, visual_token_share
+    from ..toy import load_toy_vlm, toy_vlm_path
+
+    args = parse_config(EvalToyRun, argv, "vtw-train eval-toy", __doc__ or "")
+    torch.set_num_threads(args.threads)
+    model, processor = load_toy_vlm(path=args.model_dir or toy_vlm_path())
+    records = [from_sample(s, f"{args.seed}-{i}") for i, s in enumerate(generate_samples(args.n, args.seed))]
+    t0 = time.time()
+    res = evaluate_exact_match(model, processor, records, batch_size=args.batch_size)
+    base = majority_baseline(records)
+    extra: dict[str, dict[str, float]] = {}
+    out: dict[str, Any] = {
+        "n": len(records),
+        "seed": args.seed,
+        "accuracy": res.per_type | {"overall": res.overall},
+        "majority": base,
+    }
+    controls = {}
+    if args.noise:
+        rng = random.Random(args.seed + 1)
+        controls["noise_image"] = lambda im: noise_image(rng)
+    if args.blank:
+        controls["blank_image"] = lambda im: Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
+    for name, transform in controls.items():
+        r = evaluate_exact_match(
+            model, processor, records, batch_size=args.batch_size, image_transform=transform
+        )
+        extra[name] = out[name] = r.per_type | {"overall": r.overall}
+    print(res.table(base, extra))
+    share = visual_token_share(processor, model.config.image_token_id, records)
+    print(
+        f"\nvisual tokens per prompt: {share['visual_tokens']}; longest prompt {share['max_prompt_tokens']} "
+        f"tokens, so at least {share['min_share']:.1%} visual (mean {share['mean_share']:.1%})"
+    )
+    print(f"eval time {time.time() - t0:.0f}s")
+    out["visual_token_share"] = share
+    if args.exit_sweep:
+        out["exit_sweep"] = exit_sweep(model, processor, records, args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+def exit_sweep(model, processor, records, args: EvalToyRun) -> dict[str, Any]:
+    """Accuracy per question type with visual tokens withdrawn after each layer K, plus the
+    KL(P_K || P_full) curve of VTW's calibration on a separate held-out seed."""
+    from ..calibration import CalibrationConfig, calibrate, calibration_batches
+    from ..data.records import from_sample
+    from ..data.synthetic import generate_samples
+    from ..evaluation import exit_layer_sweep
+
+    calib_recs = [from_sample(s) for s in generate_samples(args.calib_samples, args.seed + 7)]
+    bs = 32
+    n_cal = (len(calib_recs) // bs) * bs
+    batches = calibration_batches(processor, calib_recs, bs, mode="generate")
+    record = calibrate(model, batches, CalibrationConfig(num_samples=n_cal, threshold=0.003))
+    by_k = {
+        k: r.per_type | {"overall": r.overall}
+        for k, r in exit_layer_sweep(model, processor, records, batch_size=args.batch_size).items()
+    }
+    types = sorted(next(iter(by_k.values())))
+    print(f"\nKL(P_K || P_full), first answer token, {n_cal} calibration samples (seed {args.seed + 7}):")
+    print("  " + "  ".join(f"K={k}: {v:.4f}" for k, v in record.kl_curve.items()))
+    print(f"  calibrated K at eta=0.003: {record.exit_layer}")
+    print("\n| K | " + " | ".join(types) + " |")
+    print("|---|" + "---|" * len(types))
+    for k, accs in by_k.items():
+        print(f"| {k} | " + " | ".join(f"{accs[t]:.3f}" for t in types) + " |")
+    return {"kl_curve": record.kl_curve, "calibrated_k": record.exit_layer, "accuracy_by_k": by_k}

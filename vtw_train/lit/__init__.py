@@ -1,5 +1,0 @@
-"""Training the exit gate and LoRA adapters with Lightning."""
-
-from .module import GateDistillModule
-
-__all__ = ["GateDistillModule"]
