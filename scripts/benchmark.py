@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Shim for `vtw-train benchmark` (see `vtw-train benchmark --help`)."""
 
-from vtw_train.cli.main import command
+from vtw_train.cli.main import run_command
 
 if __name__ == "__main__":
-    command("benchmark")(None)
+    run_command("benchmark", None)

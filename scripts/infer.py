@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Shim for `vtw-train infer` (see `vtw-train infer --help`)."""
 
-from vtw_train.cli.main import command
+from vtw_train.cli.main import run_command
 
 if __name__ == "__main__":
-    command("infer")(None)
+    run_command("infer", None)

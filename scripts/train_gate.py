@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Shim for `vtw-train train` (see `vtw-train train --help`)."""
 
-from vtw_train.cli.main import command
+from vtw_train.cli.main import run_command
 
 if __name__ == "__main__":
-    command("train")(None)
+    run_command("train", None)

@@ -103,7 +103,9 @@ def test_every_command_has_a_script_shim_and_a_config_folder_or_none():
     """``vtw-train <command>`` and ``scripts/`` stay in step: every command has its shim."""
     from vtw_train.cli.main import COMMANDS
 
-    shims = {p.read_text().split('command("')[1].split('")')[0] for p in (ROOT / "scripts").glob("*.py")}
+    shims = {
+        re.search(r'run_command\("([\w-]+)"', p.read_text()).group(1) for p in (ROOT / "scripts").glob("*.py")
+    }
     assert shims == set(COMMANDS)
 
 

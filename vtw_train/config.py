@@ -17,11 +17,40 @@ from typing import Any, TypeVar
 import jsonargparse
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
+from jsonargparse.typing import (
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    restricted_number_type,
+)
 
 T = TypeVar("T")
 
 # Field docstrings (a string literal under each dataclass field) become the --help text.
 jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+
+#: Value ranges for config fields: the parser refuses a value outside them, naming the key, before
+#: anything runs (``--model.gate_tau 1.5``, ``--model.lora_r -3``).
+Probability = restricted_number_type("Probability", float, [(">", 0), ("<=", 1)])
+"""A threshold in (0, 1]."""
+Fraction = restricted_number_type("Fraction", float, [(">=", 0), ("<", 1)])
+"""A share in [0, 1)."""
+
+__all__ = [
+    "ConfigError",
+    "Fraction",
+    "NonNegativeFloat",
+    "NonNegativeInt",
+    "PositiveFloat",
+    "PositiveInt",
+    "Probability",
+    "config_from_dict",
+    "config_parser",
+    "load_config_file",
+    "parse_config",
+]
 
 
 class _HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):

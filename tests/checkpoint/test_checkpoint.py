@@ -450,3 +450,86 @@ def test_flops_helpers():
     assert early > late > 0
     assert exit_layer_taken(None, NUM_LAYERS) == NUM_LAYERS
     assert exit_layer_taken(torch.tensor([2]), NUM_LAYERS) == 2
+
+
+def test_the_folder_is_shared_like_any_other_and_its_card_names_it(trained):
+    """Written through a private temporary folder, the checkpoint still gets the umask's permissions."""
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    directory = trained["dir"]
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o777 & ~umask
+    for path in directory.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
+    card = (directory / "README.md").read_text()
+    assert "THIS_DIR" not in card
+    assert f'GatedVLM.from_pretrained("{directory}")' in card and f"--checkpoint {directory}" in card
+
+
+def test_the_processor_handed_out_pads_left_and_right_padding_is_refused(miniature_checkpoint):
+    from PIL import Image
+
+    vlm = GatedVLM.from_pretrained(miniature_checkpoint["dir"])
+    image = Image.open(miniature_checkpoint["image"])
+    messages = [
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
+        for q in ("what color ?", "what shape is it ?")
+    ]
+    prompts = [
+        vlm.processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages
+    ]
+    batch = vlm.processor(images=[image, image], text=prompts, return_tensors="pt", padding=True)
+    assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"][0, -1] == 1, "pads on the left"
+    vlm.generate(**batch, max_new_tokens=2)
+    right = dict(batch)
+    right["attention_mask"] = batch["attention_mask"].flip(1)
+    with pytest.raises(ValueError, match="right-padded.*padding_side = 'left'"):
+        vlm.generate(**right, max_new_tokens=2)
+
+
+@pytest.mark.parametrize(
+    ("image", "question", "message"),
+    [
+        ("truncated", "what color ?", r"--image .*truncated\.png: cannot read it as an image"),
+        ("folder", "what color ?", r"--image .* is a folder; pass an image file"),
+        ("missing", "what color ?", r"--image .*missing\.png: no such file"),
+        ("ok", "   ", r"--question is empty"),
+        ("ok", "what color is <image> ?", r"--question contains the image placeholder <image>"),
+    ],
+)
+def test_infer_refuses_bad_input_naming_it(miniature_checkpoint, tmp_path, image, question, message):
+    from vtw_train.cli.infer import main
+
+    good = miniature_checkpoint["image"]
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:60])
+    paths = {"ok": good, "truncated": truncated, "folder": tmp_path, "missing": tmp_path / "missing.png"}
+    args = ["--checkpoint", str(miniature_checkpoint["dir"]), "--image", str(paths[image])]
+    with pytest.raises(SystemExit, match=message):
+        main([*args, "--question", question, "--max_new_tokens", "2"])
+
+
+def test_infer_warns_about_words_the_model_does_not_know(miniature_checkpoint, capsys):
+    from vtw_train.cli.infer import main
+
+    args = ["--checkpoint", str(miniature_checkpoint["dir"]), "--image", str(miniature_checkpoint["image"])]
+    main([*args, "--question", "what colour is the zorblax ?", "--max_new_tokens", "2"])
+    err = capsys.readouterr().err
+    assert "'colour'" in err and "'zorblax'" in err and "<unk>" in err
+
+
+def test_a_hub_base_model_not_in_the_cache_fails_at_once_naming_the_manifest(tmp_path):
+    import time
+
+    model = lora_model(fresh_base())
+    out = export_gated_checkpoint(
+        tmp_path / "hub", model, None, None, base_model_name_or_path="nobody/not-a-model"
+    )
+    start = time.perf_counter()
+    with pytest.raises(
+        FileNotFoundError, match=r"'nobody/not-a-model' is named by .*vtw_config\.json.*base_model="
+    ):
+        GatedVLM.from_pretrained(out)
+    assert time.perf_counter() - start < 10, "no network retries"

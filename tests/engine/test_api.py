@@ -233,6 +233,15 @@ def test_last_exit_layers_are_recorded():
     assert torch.equal(controller.last_exit_layers, ks)
     ks[0] = 2  # the record is a copy, not a view of the caller's tensor
     assert controller.last_exit_layers.tolist() == [0, 3, 1]
+    # K = L withdraws nothing and runs the stock forward, but K per sample is still on record.
+    controller.exit_layer = L
+    with torch.no_grad():
+        model(**batch)
+    assert controller.last_exit_layers.tolist() == [L] * 3
+    controller.reduction = None  # the full model: no exit on record
+    with torch.no_grad():
+        model(**batch)
+    assert controller.last_exit_layers is None
 
 
 def test_text_only_inputs_and_logits_to_keep():

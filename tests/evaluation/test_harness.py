@@ -315,6 +315,32 @@ def test_calibration_records_never_overlap_evaluated_ones(miniature):
         load_records(replace(data, calibration_path=str(copy)), 4)
 
 
+def test_too_few_calibration_records_say_why_and_what_to_change(miniature):
+    everything = EvalData(path=str(miniature["eval"]), num_samples=0, calibration_path=str(miniature["eval"]))
+    with pytest.raises(
+        ValueError, match=r"data.calibration_path is data.path.*num_samples = 0 evaluates all of them"
+    ):
+        load_records(everything, 4)
+    small = EvalData(
+        path=str(miniature["eval"]), num_samples=8, calibration_path=str(miniature["calibration"])
+    )
+    with pytest.raises(ValueError, match=r"holds 4 records, but calibration needs 9"):
+        load_records(small, 9)
+
+
+def test_unreadable_records_can_be_skipped(miniature, tmp_path):
+    broken = tmp_path / "broken.jsonl"
+    lines = miniature["eval"].read_text().splitlines()
+    broken.write_text("\n".join([lines[0], "{not json", *lines[1:]]) + "\n")
+    for line in (miniature["eval"].parent / "images").iterdir():
+        (tmp_path / "images").mkdir(exist_ok=True)
+        (tmp_path / "images" / line.name).write_bytes(line.read_bytes())
+    with pytest.raises(Exception, match="broken.jsonl"):
+        load_records(EvalData(path=str(broken), num_samples=4), 0)
+    evaluated, _ = load_records(EvalData(path=str(broken), num_samples=4, on_error="skip"), 0)
+    assert len(evaluated) == 4
+
+
 def _result(points: list[tuple[str, str, float, float]]) -> HarnessResult:
     strategies = [
         StrategyResult(name, method, {}, 10, acc, 1.0, flops, math.nan, math.nan, 0, math.nan, None, None)

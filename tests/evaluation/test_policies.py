@@ -52,3 +52,24 @@ def test_verdicts_go_by_role_not_by_display_name():
     ]
     (v,) = gate_verdicts(rows)
     assert v.baseline == "baseline at layer 3" and v.same_accuracy == v.same_flops == "learned exit, strict"
+
+
+def test_a_gate_that_costs_more_says_so():
+    rows = [_row("VTW fixed K=4", 0.90, 0.50), _row("gate tau=0.9", 0.90, 0.53)]
+    (v,) = gate_verdicts(rows)
+    assert v.flops_saving == pytest.approx(-0.06)
+    line = v.line()
+    assert "costs 6.0% more FLOPs" in line and "saves -" not in line and "within 0.5 points" in line
+
+
+def test_the_table_says_what_its_columns_are():
+    from vtw_train.evaluation import format_results
+
+    rows = [
+        PolicyResult("full model", 0.9, {"color": 1.0, "count": 0.8}, 1.0, 8.0),
+        PolicyResult("gate tau=0.5", 0.8, {"color": 1.0, "count": 0.6}, 0.5, 3.0),
+    ]
+    table = format_results(rows)
+    assert "exact match per question type" in table and "FLOPs ratio" in table
+    assert "over the full model's" in table and "mean exit K" in table
+    assert "gate tau=0.5" in table and "0.600" in table

@@ -10,9 +10,15 @@ from ..gate import ExitGate
 
 
 def model_card(
-    manifest: Mapping[str, Any], gate: ExitGate | None, calibration: CalibrationRecord | None
+    manifest: Mapping[str, Any],
+    gate: ExitGate | None,
+    calibration: CalibrationRecord | None,
+    location: str = "path/to/this/folder",
 ) -> str:
-    """The README: what the directory is, how to load it, and what K and the gate do."""
+    """The README: what the directory is, how to load it, and what K and the gate do.
+
+    ``location`` is the folder's path as it was written, so the examples run as printed.
+    """
     lines = [
         f"# Gated visual-token withdrawal adapter for `{manifest['base_model']}`",
         "",
@@ -27,7 +33,7 @@ def model_card(
         "```python",
         "from vtw_train import GatedVLM",
         "",
-        'vlm = GatedVLM.from_pretrained("THIS_DIR")  # or base_model=<path or loaded model>',
+        f'vlm = GatedVLM.from_pretrained("{location}")  # or base_model=<path or loaded model>',
         "out = vlm.generate(**inputs, max_new_tokens=32)",
         "print(vlm.last_exit_layers)",
         "```",
@@ -35,10 +41,10 @@ def model_card(
         "or from the command line:",
         "",
         "```bash",
-        'python scripts/infer.py --checkpoint THIS_DIR --image img.png --question "What is shown?"',
+        f'vtw-train infer --checkpoint {location} --image img.png --question "What is shown?"',
         "```",
         "",
-        "`peft.PeftModel.from_pretrained(base, THIS_DIR)` loads the adapter alone (no withdrawal).",
+        f'`peft.PeftModel.from_pretrained(base, "{location}")` loads the adapter alone (no withdrawal).',
         "",
         "## Base model",
         "",

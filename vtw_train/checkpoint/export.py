@@ -80,10 +80,11 @@ def export_gated_checkpoint(
         manifest = _build_manifest(
             model, gate, calibration, base_model_name_or_path, base_model_revision, policy
         )
-        (tmp / MODEL_CARD).write_text(model_card(manifest, gate, calibration))
+        (tmp / MODEL_CARD).write_text(model_card(manifest, gate, calibration, location=str(out)))
         manifest["files"] = {name: sha256_of(tmp / name) for name in hashed_files(tmp)}
         write_json(tmp / MANIFEST, manifest)
         check_layout(tmp)
+        share_like_any_folder(tmp)
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -172,6 +173,15 @@ def _build_manifest(
         "has_gate": gate is not None,
         "files": {},
     }
+
+
+def share_like_any_folder(directory: Path) -> None:
+    """Give the folder and its files the permissions a plain mkdir / open would (a temporary folder is 0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

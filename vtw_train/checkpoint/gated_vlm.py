@@ -59,7 +59,7 @@ class GatedVLM:
         policy: Policy | None = None,
     ) -> None:
         self.model = model
-        self.processor = processor
+        self.processor = left_padding(processor)
         self.gate = gate
         self.calibration = calibration
         self.manifest = dict(manifest)
@@ -96,7 +96,7 @@ class GatedVLM:
         manifest = verify_checkpoint(directory)
         if policy is not None:
             check_policy(policy)
-        base, loaded_processor = _load_base(manifest, base_model, attn_implementation)
+        base, loaded_processor = _load_base(manifest, base_model, attn_implementation, directory)
         _check_base(manifest, base, directory)
         calibration = _load_calibration(directory, manifest)
         target = _resolve_dtype(dtype)
@@ -165,7 +165,12 @@ class GatedVLM:
     __call__ = forward
 
     def generate(self, **kwargs: Any) -> Any:
-        """``generate`` with withdrawal; visual token ids are never emitted (docs/engine.md, trap 7)."""
+        """``generate`` with withdrawal; visual token ids are never emitted (docs/engine.md, trap 7).
+
+        Batched prompts must be padded on the left: generation appends after the last column, so a
+        right-padded prompt would continue from its padding (mostly empty answers). They are refused.
+        """
+        check_left_padded(kwargs.get("attention_mask"))
         self.controller.last_exit_layers = None
         if "suppress_tokens" not in kwargs:
             suppress = self._suppress_tokens(kwargs.get("generation_config"))
@@ -193,6 +198,31 @@ class GatedVLM:
         )
 
 
+def left_padding(processor: Any) -> Any:
+    """The processor, set to pad on the left (what batched generation needs), or None."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if tokenizer is not None and hasattr(tokenizer, "padding_side"):
+        tokenizer.padding_side = "left"
+    return processor
+
+
+def check_left_padded(attention_mask: Any) -> None:
+    """Refuse prompts with padding after a real token (right padding) before ``generate`` starts."""
+    if (
+        not isinstance(attention_mask, torch.Tensor)
+        or attention_mask.dim() != 2
+        or attention_mask.shape[1] < 2
+    ):
+        return
+    mask = attention_mask.bool()
+    if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
+        raise ValueError(
+            "generate() got right-padded prompts (padding after real tokens): generation appends after the last "
+            "column, so those rows would continue from padding. Pad on the left: "
+            "processor.tokenizer.padding_side = 'left' (GatedVLM.processor already does)."
+        )
+
+
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or dtype == "auto":
         return None
@@ -207,9 +237,16 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 
 def _load_base(
-    manifest: Mapping[str, Any], base_model: nn.Module | str | os.PathLike | None, attn_implementation: str
+    manifest: Mapping[str, Any],
+    base_model: nn.Module | str | os.PathLike | None,
+    attn_implementation: str,
+    directory: Path,
 ) -> tuple[nn.Module, Any]:
-    """The base module (and its processor when loaded from a path), in the recorded dtype."""
+    """The base module (and its processor when loaded from a path), in the recorded dtype.
+
+    A hub id is loaded from the local Hugging Face cache only: loading a checkpoint never waits on a
+    network (where there is none, that is a long stall ending in a connection error).
+    """
     if isinstance(base_model, nn.Module):
         if callable(getattr(base_model, "get_base_model", None)):
             raise ValueError(
@@ -224,11 +261,27 @@ def _load_base(
     except FileNotFoundError as err:
         raise FileNotFoundError(
             f"Cannot find the base model {source!r} ({err}). Pass base_model=<directory or loaded model> "
-            "(scripts/infer.py: --base-model)."
+            "(vtw-train infer: --base_model)."
         ) from err
     dtype = manifest["base_model_dtype"]
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"{MANIFEST}: base_model_dtype {dtype!r} is not float32, bfloat16 or float16.")
+    if not isinstance(path, Path):  # a hub id: its snapshot in the local cache, or a clear error
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(
+                snapshot_download(source, revision=manifest.get("base_model_revision"), local_files_only=True)
+            )
+        except Exception:  # huggingface_hub raises several types for "not cached"
+            origin = (
+                "was given as base_model" if base_model is not None else f"is named by {directory / MANIFEST}"
+            )
+            raise FileNotFoundError(
+                f"The base model {source!r} {origin}: a Hugging Face hub id that is not in the local cache, and "
+                "loading a checkpoint does not download. Download it first (huggingface-cli download "
+                f"{source}) or pass base_model=<local directory> (vtw-train infer: --base_model)."
+            ) from None
     spec = ModelSpec(path=str(path), dtype=dtype, attn_implementation=attn_implementation)  # type: ignore[arg-type]
     return load_model(spec)
 

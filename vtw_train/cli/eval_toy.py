@@ -62,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model, processor = load_toy_vlm(path=args.model_dir or toy_vlm_path())
     records = [from_sample(s, f"{args.seed}-{i}") for i, s in enumerate(generate_samples(args.n, args.seed))]
     t0 = time.time()
-    res = evaluate_exact_match(model, processor, records, batch_size=args.batch_size)
+    with _bar(len(records), "held-out") as bar:
+        res = evaluate_exact_match(model, processor, records, batch_size=args.batch_size, progress=bar.update)
     base = majority_baseline(records)
     extra: dict[str, dict[str, float]] = {}
     out: dict[str, Any] = {
@@ -103,6 +104,7 @@ def exit_sweep(model, processor, records, args: EvalToyRun) -> dict[str, Any]:
     from ..calibration import CalibrationConfig, calibrate, calibration_batches
     from ..data.records import from_sample
     from ..data.synthetic import generate_samples
+    from ..engine import attach
     from ..evaluation import exit_layer_sweep
 
     calib_recs = [from_sample(s) for s in generate_samples(args.calib_samples, args.seed + 7)]
@@ -110,10 +112,9 @@ def exit_sweep(model, processor, records, args: EvalToyRun) -> dict[str, Any]:
     n_cal = (len(calib_recs) // bs) * bs
     batches = calibration_batches(processor, calib_recs, bs, mode="generate")
     record = calibrate(model, batches, CalibrationConfig(num_samples=n_cal, threshold=0.003))
-    by_k = {
-        k: r.per_type | {"overall": r.overall}
-        for k, r in exit_layer_sweep(model, processor, records, batch_size=args.batch_size).items()
-    }
+    with _bar(len(records) * (attach(model).num_layers + 1), "exit sweep") as bar:
+        sweep = exit_layer_sweep(model, processor, records, batch_size=args.batch_size, progress=bar.update)
+    by_k = {k: r.per_type | {"overall": r.overall} for k, r in sweep.items()}
     types = sorted(next(iter(by_k.values())))
     print(f"\nKL(P_K || P_full), first answer token, {n_cal} calibration samples (seed {args.seed + 7}):")
     print("  " + "  ".join(f"K={k}: {v:.4f}" for k, v in record.kl_curve.items()))
@@ -123,3 +124,9 @@ def exit_sweep(model, processor, records, args: EvalToyRun) -> dict[str, Any]:
     for k, accs in by_k.items():
         print(f"| {k} | " + " | ".join(f"{accs[t]:.3f}" for t in types) + " |")
     return {"kl_curve": record.kl_curve, "calibrated_k": record.exit_layer, "accuracy_by_k": by_k}
+
+
+def _bar(total: int, what: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=what, unit="sample", leave=False, dynamic_ncols=True)

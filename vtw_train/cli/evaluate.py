@@ -72,6 +72,8 @@ class EvalData:
     calibration_path: str | None = None
     """Records for calibration; when unset (or the same file), the records after the evaluated ones
     in ``path`` are used, so calibration never sees an evaluated sample."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """A malformed record or a missing image: stop naming it (``raise``), or skip it and count it (``skip``)."""
     synthetic: SyntheticEvalData = field(default_factory=SyntheticEvalData)
     """Synthetic records written on first use."""
 
@@ -139,7 +141,7 @@ def ensure_synthetic_data(data: EvalData) -> None:
 
 def load_records(data: EvalData, calibration_needed: int) -> tuple[list[VQARecord], list[VQARecord]]:
     """``(evaluated, calibration)`` records, disjoint by construction."""
-    dataset = LlavaJsonDataset(data.path, image_root=data.image_root)
+    dataset = _read(data.path, data)
     records = list(dataset.records)
     n = data.num_samples or len(records)
     if n > len(records):
@@ -150,15 +152,38 @@ def load_records(data: EvalData, calibration_needed: int) -> tuple[list[VQARecor
     )
     if same_file:
         calibration = records[n : n + calibration_needed]
+        if len(calibration) < calibration_needed:
+            where = "is unset" if data.calibration_path is None else "is data.path"
+            evaluated_text = "all of them" if not data.num_samples else f"the first {n}"
+            raise ValueError(
+                f"calibration needs {calibration_needed} records that are not evaluated (calibration.num_samples "
+                f"/ calibration.shortv_samples), but data.calibration_path {where}, so they come from {data.path} "
+                f"after the evaluated ones, and data.num_samples = {data.num_samples} evaluates {evaluated_text} "
+                f"of its {len(records)} records, leaving {len(records) - n}. Point data.calibration_path at "
+                "another file, lower data.num_samples, or calibrate less (calibration.record: an existing record)."
+            )
     else:
-        calibration = list(LlavaJsonDataset(data.calibration_path, image_root=data.image_root).records)
+        calibration = list(_read(data.calibration_path, data).records)
         overlap = {r.id for r in evaluated} & {r.id for r in calibration}
         if overlap:
             raise ValueError(
                 f"data.calibration_path shares {len(overlap)} record ids with data.path (e.g. {sorted(overlap)[0]!r}); "
                 "calibration must use samples that are not evaluated"
             )
+        if len(calibration) < calibration_needed:
+            raise ValueError(
+                f"data.calibration_path {data.calibration_path} holds {len(calibration)} records, but calibration "
+                f"needs {calibration_needed} (calibration.num_samples / calibration.shortv_samples); add records "
+                "or lower those settings."
+            )
     return evaluated, calibration[:calibration_needed]
+
+
+def _read(path: str, data: EvalData) -> LlavaJsonDataset:
+    dataset = LlavaJsonDataset(path, image_root=data.image_root, on_error=data.on_error)
+    if dataset.num_skipped:
+        print(f"{path}: skipped {dataset.num_skipped} unreadable records ({dict(dataset.skipped)})")
+    return dataset
 
 
 def _device(name: str) -> torch.device:

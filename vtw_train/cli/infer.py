@@ -7,6 +7,7 @@ the gate did on their own input rather than a benchmark average.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,14 +154,52 @@ def format_result(result: InferenceResult, policy: str) -> str:
     )
 
 
+def read_image(path: Path) -> Any:
+    """The image at ``path`` as RGB; every way this fails names the file and what is wrong."""
+    from PIL import UnidentifiedImageError
+
+    from ..data.records import load_image
+
+    if path.is_dir():
+        raise SystemExit(f"--image {path} is a folder; pass an image file (PNG, JPEG, ...).")
+    if not path.is_file():
+        raise SystemExit(f"--image {path}: no such file.")
+    try:
+        return load_image(path)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise SystemExit(f"--image {path}: cannot read it as an image ({err}).") from None
+
+
+def check_question(question: str, processor: Any) -> str:
+    """Refuse what the prompt template cannot take; warn about words the model does not know."""
+    question = question.strip()
+    if not question:
+        raise SystemExit("--question is empty; ask something about the image.")
+    placeholders = {"<image>", str(getattr(processor, "image_token", "<image>"))}
+    found = sorted(p for p in placeholders if p and p in question)
+    if found:
+        raise SystemExit(
+            f"--question contains the image placeholder {found[0]}; leave it out: the prompt template puts the "
+            "image in its place."
+        )
+    tokenizer = getattr(processor, "tokenizer", processor)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None:
+        unknown = [w for w in question.split() if unk in tokenizer(w, add_special_tokens=False)["input_ids"]]
+        if unknown:
+            print(
+                f"warning: the model's vocabulary lacks {', '.join(repr(w) for w in unknown)}; "
+                f"{'it is' if len(unknown) == 1 else 'they are'} read as {tokenizer.unk_token}.",
+                file=sys.stderr,
+            )
+    return question
+
+
 def main(argv: Sequence[str] | None = None) -> InferenceResult:
     args = parse_config(InferRun, argv, "vtw-train infer", __doc__ or "")
     from ..checkpoint import GatedVLM
-    from ..data.records import load_image
 
-    image_path = Path(args.image)
-    if not image_path.is_file():
-        raise SystemExit(f"--image {image_path}: no such file.")
+    image = read_image(Path(args.image))
     if args.max_new_tokens < 1:
         raise SystemExit("--max_new_tokens must be >= 1.")
     try:
@@ -176,6 +215,7 @@ def main(argv: Sequence[str] | None = None) -> InferenceResult:
             vlm.set_policy(vlm.policy, tau=args.tau)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
-    result = answer(vlm, load_image(image_path), args.question, args.max_new_tokens)
+    question = check_question(args.question, vlm.processor)
+    result = answer(vlm, image, question, args.max_new_tokens)
     print(format_result(result, vlm.policy))
     return result

@@ -7,6 +7,7 @@ Each command reads a typed config (``--config file.yaml`` plus ``--key value`` o
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
 from importlib import import_module
@@ -49,5 +50,20 @@ def main(argv: Sequence[str] | None = None) -> Any:
         raise SystemExit(2)
     if argv is None:  # from the shell: the command reads sys.argv itself, as LightningCLI expects
         sys.argv = [f"vtw-train {name}", *rest]
-        return command(name)(None)
+        return run_command(name, None)
     return command(name)(rest)
+
+
+def run_command(name: str, argv: Sequence[str] | None) -> Any:
+    """Run a command from the shell: a mistake in the input is one line naming it, not a traceback.
+
+    ``VTW_TRAIN_DEBUG=1`` shows the traceback.
+    """
+    try:
+        return command(name)(argv)
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as err:
+        if os.environ.get("VTW_TRAIN_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        print("(set VTW_TRAIN_DEBUG=1 to see where it was raised)", file=sys.stderr)
+        raise SystemExit(2) from None

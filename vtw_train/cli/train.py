@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,13 +18,19 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ..adapters import adapters_enabled
+from ..atomic_write import write_text_atomically
 from ..calibration import CalibrationConfig, CalibrationRecord, calibrate, calibration_batches
+from ..config import NonNegativeFloat, NonNegativeInt, PositiveInt, Probability
 from ..data.datamodule import VLMDataModule
-from ..evaluation.policies import compare_policies, format_results, gate_verdicts
+from ..evaluation.policies import compare_policies, format_results, gate_verdicts, policy_strategies
 from ..models import resolve_model_path
+from ..training.interrupt import SaveOnInterrupt
 from ..training.module import GateDistillModule
+from ..training.progress import label_steps
+from ..training.run_folder import CALIBRATION, CHECKPOINTS, RunRecord, mark_finished, prepare_output_folder
 from ..training.wandb import make_wandb_logger
 
 
@@ -34,9 +42,9 @@ class SyntheticData:
     trained and judged on samples the base model has never seen.
     """
 
-    train_samples: int = 0
+    train_samples: NonNegativeInt = 0
     """Training samples to write (0: write nothing, use the file as it is)."""
-    val_samples: int = 0
+    val_samples: NonNegativeInt = 0
     """Validation samples to write (0: write nothing)."""
     train_seed: int = 101
     """Seed of the training samples."""
@@ -49,20 +57,23 @@ class RunOptions:
     """What happens around ``fit``: calibration, evaluation, export, logging."""
 
     output_dir: str = "outputs/run"
-    """Folder of the run: calibration record, evaluation.json, the gated checkpoint, logs."""
+    """Folder of the run: calibration record, evaluation.json, the gated checkpoint, checkpoints, logs.
+    It must be empty, unless the run resumes there (``resume``) or ``overwrite`` is set."""
+    overwrite: bool = False
+    """Replace whatever an earlier run left in ``output_dir``."""
     calibration: str | None = None
     """An existing calibration record (JSON) to use instead of calibrating."""
     calibration_metric: Literal["first_token", "answer_mean"] = "answer_mean"
     """KL criterion: at the first answer token (VTW's) or averaged over the answer tokens."""
-    calibration_threshold: float = 0.01
+    calibration_threshold: NonNegativeFloat = 0.01
     """eta: K is the first candidate whose mean KL is at most this."""
-    calibration_samples: int = 20
+    calibration_samples: PositiveInt = 20
     """Training samples the calibration averages over."""
-    eval_samples: int = 200
+    eval_samples: NonNegativeInt = 200
     """Validation records used for the exact-match comparison (0 skips it)."""
-    eval_batch_size: int = 32
+    eval_batch_size: PositiveInt = 32
     """Prompts per generate call in the comparison."""
-    eval_taus: list[float] = field(default_factory=list)
+    eval_taus: list[Probability] = field(default_factory=list)
     """Gate thresholds to evaluate (empty: the module's gate_tau)."""
     export: bool = True
     """Write the gated checkpoint to ``<output_dir>/gated``."""
@@ -73,8 +84,8 @@ class RunOptions:
     run_name: str | None = None
     """W&B run name."""
     resume: str | None = None
-    """A Lightning checkpoint to resume training from."""
-    threads: int = 0
+    """A Lightning checkpoint (a local ``.ckpt`` file) to resume training from, into the same ``output_dir``."""
+    threads: NonNegativeInt = 0
     """CPU threads for torch (0: torch's default); 1 avoids oversubscription on a shared machine."""
     synthetic: SyntheticData = field(default_factory=SyntheticData)
     """Synthetic data written on first use."""
@@ -124,6 +135,38 @@ def calibrate_base(
         return calibrate(module.model, tqdm(batches, total=total, desc="calibration", unit="batch"), config)
 
 
+def local_checkpoint(resume: str | None) -> str | None:
+    """The checkpoint to resume from, if it is a local file; a URL is refused, not unpickled."""
+    if resume is None:
+        return None
+    if "://" in resume:
+        raise ValueError(
+            f"run.resume {resume!r} is a URL. Remote checkpoints are not loaded (Lightning would unpickle them "
+            "with weights_only=False, which runs any code they carry): download it, then pass the local path."
+        )
+    path = Path(resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"run.resume {resume}: no such checkpoint file.")
+    return str(path)
+
+
+def resume_command(checkpoint: Path) -> str:
+    """The command line that continues this run from ``checkpoint`` (this one, with --run.resume)."""
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if arg == "--run.resume":
+            skip = True
+            continue
+        if arg.startswith("--run.resume="):
+            continue
+        args.append(arg)
+    program = sys.argv[0] if sys.argv[0].startswith("vtw-train") else f"python {sys.argv[0]}"
+    return " ".join([program, *(shlex.quote(a) for a in args), "--run.resume", shlex.quote(str(checkpoint))])
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cli = GateCLI(
         GateDistillModule,
@@ -132,30 +175,64 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args=None if argv is None else list(argv),
         save_config_kwargs={"overwrite": True},
         seed_everything_default=0,
+        trainer_defaults={"use_distributed_sampler": False},
     )
     options: RunOptions = cli.config_init["run"]
     if isinstance(options, dict):
         options = RunOptions(**options)
+    resume = local_checkpoint(options.resume)
+    trainer = cli.trainer
+    if trainer._accelerator_connector.use_distributed_sampler:
+        raise ValueError(
+            "trainer.use_distributed_sampler must be false: the training data loader shards itself across "
+            "ranks, so that its position can be saved in checkpoints."
+        )
     if options.threads:
         torch.set_num_threads(options.threads)
     module: GateDistillModule = cli.model
     datamodule: VLMDataModule = cli.datamodule
-    trainer = cli.trainer
+    # Load the model first: a base that does not load or a setting that does not fit it leaves no folder behind.
+    module.configure_model()
     out_dir = Path(options.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    logger = make_wandb_logger(options.wandb_project, options.run_name, out_dir) if options.wandb else None
+    # Only rank zero owns the folder: under DDP the other ranks are started later, running this same
+    # command, and find the folder rank zero prepared.
+    zero = trainer.is_global_zero
+    if zero:
+        run = prepare_output_folder(
+            out_dir, resume=resume, overwrite=options.overwrite, command=list(sys.argv)
+        )
+    else:
+        run = RunRecord.load(out_dir) or RunRecord(run_id="", started="")
+    checkpoints = out_dir / CHECKPOINTS
+    if trainer.checkpoint_callback is not None:
+        trainer.checkpoint_callback.dirpath = str(checkpoints)
+    interrupt = SaveOnInterrupt(checkpoints)
+    trainer.callbacks.append(interrupt)
+    label_steps(trainer)
+    logger = (
+        make_wandb_logger(options.wandb_project, options.run_name, out_dir, run_id=run.run_id)
+        if options.wandb
+        else None
+    )
     if logger is not None:
         trainer.loggers = [logger]
         logger.log_hyperparams(cli.config.as_dict())
+    else:
+        keep_default_logger_version(trainer, run.run_id)
 
     ensure_synthetic_data(datamodule, options.synthetic)
-    module.configure_model()
+    own_record = out_dir / CALIBRATION
     if options.calibration:
         record = CalibrationRecord.load(options.calibration, model=module.model)
+    elif resume and "calibration" in run.finished and own_record.is_file():
+        record = CalibrationRecord.load(own_record, model=module.model)  # the K this run started with
+        print(f"resuming: using this run's calibration record {own_record}")
     else:
         print(f"calibrating the fixed exit layer on {options.calibration_samples} training samples ...")
         record = calibrate_base(module, datamodule, options)
-    record.save(out_dir / "vtw_calibration.json")
+    if zero:
+        record.save(own_record)
+        mark_finished(out_dir, run, "calibration")
     print(
         f"calibrated K = {record.exit_layer} (KL curve: "
         + ", ".join(f"{k}:{v:.4f}" for k, v in sorted(record.kl_curve.items()))
@@ -164,24 +241,38 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if logger is not None:
         _log_calibration(logger, record)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=options.resume)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+    except SIGTERMException:
+        if trainer.is_global_zero and interrupt.saved is not None:
+            print(
+                f"\ninterrupted at step {trainer.global_step}; resume with:\n  {resume_command(interrupt.saved)}"
+            )
+        raise SystemExit(130) from None
+    if zero:
+        mark_finished(out_dir, run, "training")
 
-    summary: dict[str, Any] = {"calibrated_exit_layer": record.exit_layer}
+    summary: dict[str, Any] = {"calibrated_exit_layer": record.exit_layer, "run_id": run.run_id}
     if not trainer.is_global_zero:
         return summary
     if options.eval_samples > 0:
         datamodule.setup("validate")
         records = [datamodule.val_set[i] for i in range(min(options.eval_samples, len(datamodule.val_set)))]
         print(f"evaluating full model, fixed-K VTW and the gate on {len(records)} validation samples ...")
-        results = compare_policies(
-            module.model,
-            datamodule.processor,
-            records,
-            module.gate,
-            record.exit_layer,
-            taus=options.eval_taus,
-            batch_size=options.eval_batch_size,
-        )
+        from tqdm.auto import tqdm
+
+        rows = len(policy_strategies(module.model, module.gate, record.exit_layer, options.eval_taus))
+        with tqdm(total=rows * len(records), desc="evaluation", unit="sample", dynamic_ncols=True) as bar:
+            results = compare_policies(
+                module.model,
+                datamodule.processor,
+                records,
+                module.gate,
+                record.exit_layer,
+                taus=options.eval_taus,
+                batch_size=options.eval_batch_size,
+                progress=bar.update,
+            )
         table = format_results(results)
         print(table)
         verdicts = gate_verdicts(results)
@@ -189,7 +280,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             print(v.line())
         summary["results"] = [{k: v for k, v in asdict(r).items() if k != "predictions"} for r in results]
         summary["gate_verdicts"] = [asdict(v) for v in verdicts]
-        (out_dir / "evaluation.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_text_atomically(out_dir / "evaluation.json", json.dumps(summary, indent=2) + "\n")
+        mark_finished(out_dir, run, "evaluation")
         if logger is not None:
             _log_results(logger, results, records)
     if options.export:
@@ -205,8 +297,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             overwrite=True,
         )
         summary["checkpoint"] = str(path)
+        mark_finished(out_dir, run, "export")
         print(f"gated checkpoint written to {path}")
     return summary
+
+
+def keep_default_logger_version(trainer: Any, run_id: str) -> None:
+    """Lightning's default logger numbers a new version folder per start; a resumed run keeps its own."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    loggers = []
+    for logger in trainer.loggers:
+        if type(logger) in (CSVLogger, TensorBoardLogger) and logger._version is None:
+            logger = type(logger)(save_dir=logger.save_dir, name=logger.name, version=f"run-{run_id}")
+        loggers.append(logger)
+    trainer.loggers = loggers
 
 
 def _log_calibration(logger: Any, record: CalibrationRecord) -> None:

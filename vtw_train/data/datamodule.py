@@ -9,8 +9,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from vtw_train.config import NonNegativeInt, PositiveInt
 from vtw_train.data.collate import VLMCollator
 from vtw_train.data.llava_format import LlavaJsonDataset
+from vtw_train.data.resumable import ResumableDataLoader, ResumableSampler
 
 
 class VLMDataModule(L.LightningDataModule):
@@ -26,11 +28,11 @@ class VLMDataModule(L.LightningDataModule):
         train_path: str | os.PathLike | None,
         val_path: str | os.PathLike | None = None,
         processor: Any = None,
-        batch_size: int = 16,
-        num_workers: int = 0,
+        batch_size: PositiveInt = 16,
+        num_workers: NonNegativeInt = 0,
         on_error: Literal["raise", "skip"] = "raise",
         image_root: str | os.PathLike | None = None,
-        max_length: int | None = None,
+        max_length: PositiveInt | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -42,7 +44,12 @@ class VLMDataModule(L.LightningDataModule):
             processor = AutoProcessor.from_pretrained(processor)
         self.processor = processor
         self.train_path, self.val_path = train_path, val_path
-        self.batch_size, self.num_workers = batch_size, num_workers
+        if batch_size < 1 or num_workers < 0 or (max_length is not None and max_length < 1):
+            raise ValueError(
+                f"data.batch_size must be >= 1, data.num_workers >= 0 and data.max_length >= 1; got "
+                f"{batch_size}, {num_workers} and {max_length}."
+            )
+        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.on_error, self.image_root, self.max_length, self.seed = on_error, image_root, max_length, seed
         self.train_set: LlavaJsonDataset | None = None
         self.val_set: LlavaJsonDataset | None = None
@@ -72,7 +79,16 @@ class VLMDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, "train", shuffle=True)
+        """Shuffled with ``seed``; its position is saved in checkpoints, so a resumed run continues the stream."""
+        if self.train_set is None:
+            raise RuntimeError("no dataset for this split (path was None, or setup() not called)")
+        return ResumableDataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            sampler=ResumableSampler(len(self.train_set), seed=self.seed, shuffle=True),
+            num_workers=self.num_workers,
+            collate_fn=VLMCollator(self.processor, mode="train", max_length=self.max_length),
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, "train", shuffle=False)

@@ -189,6 +189,8 @@ class WithdrawalForward:
             reduction.exit_rule is not None or bool((exits < controller.num_layers).any())
         )
         if not reduces and not reduction.frozen_layers:
+            # Nothing is withdrawn (K = L for everyone): the stock forward, but each sample's K is on record.
+            controller.record_exits(None if pruning is not None else exits)
             return self.original(**call)
         if exits is None:
             exits = torch.full(

@@ -7,7 +7,7 @@ fixed K (each question type has its own safe depth).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
@@ -25,6 +25,7 @@ def exit_layer_sweep(
     *,
     batch_size: int = 64,
     max_new_tokens: int = 8,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[int, ExactMatchResult]:
     """``{K: ExactMatchResult}`` for each K in ``layers`` (default: every K from 0 to L)."""
     num_layers = attach(model).num_layers
@@ -37,6 +38,7 @@ def exit_layer_sweep(
             batch_size=batch_size,
             max_new_tokens=max_new_tokens,
             reduction=Reduction(exit_layer=k),
+            progress=progress,
         )
         for k in chosen
     }

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..adapters import adapters_enabled, has_adapters, set_adapters
 from ..calibration import (
@@ -153,14 +154,18 @@ def run_harness(
     try:
         for i, strategy in enumerate(strategies, 1):
             start = time.perf_counter()
-            generated[strategy.name] = run_strategy(
-                model,
-                processor,
-                records,
-                strategy,
-                batch_size=generation.batch_size,
-                max_new_tokens=generation.max_new_tokens,
-            )
+            with tqdm(
+                total=len(records), desc=strategy.name, unit="sample", leave=False, dynamic_ncols=True
+            ) as bar:
+                generated[strategy.name] = run_strategy(
+                    model,
+                    processor,
+                    records,
+                    strategy,
+                    batch_size=generation.batch_size,
+                    max_new_tokens=generation.max_new_tokens,
+                    progress=bar.update,
+                )
             ratios = generated[strategy.name].flops_ratios
             log(
                 f"[{i}/{len(strategies)}] {strategy.name}: FLOPs {sum(ratios) / len(ratios):.3f} "

@@ -124,13 +124,16 @@ class GateVerdict:
     flops_saving: float | None
     same_flops: str | None
     accuracy_gain: float | None
+    tolerance: float = 0.005
 
     def line(self) -> str:
-        a = (
-            f"{self.same_accuracy} saves {self.flops_saving:.1%} of its FLOPs at its accuracy (within tolerance)"
-            if self.same_accuracy
-            else "no gate threshold reaches its accuracy"
-        )
+        within = f"within {self.tolerance * 100:.1f} points"
+        if not self.same_accuracy:
+            a = f"no gate threshold reaches its accuracy ({within})"
+        elif self.flops_saving is not None and self.flops_saving >= 0:
+            a = f"{self.same_accuracy} matches its accuracy ({within}) with {self.flops_saving:.1%} fewer FLOPs"
+        else:
+            a = f"{self.same_accuracy} matches its accuracy ({within}) but costs {-self.flops_saving:.1%} more FLOPs"
         b = (
             f"{self.same_flops} is {self.accuracy_gain * 100:+.1f} pt at no more FLOPs"
             if self.same_flops
@@ -155,18 +158,26 @@ def gate_verdicts(results: Sequence[PolicyResult], tolerance: float = 0.005) -> 
                 flops_saving=1 - best_a.flops_ratio / base.flops_ratio if best_a else None,
                 same_flops=best_f.name if best_f else None,
                 accuracy_gain=best_f.accuracy - base.accuracy if best_f else None,
+                tolerance=tolerance,
             )
         )
     return out
 
 
 def format_results(results: Sequence[PolicyResult]) -> str:
+    """The comparison as a plain-text table, with what each column means underneath."""
     types = sorted({t for r in results for t in r.per_type})
-    header = f"{'policy':<22}{'accuracy':>9}{'FLOPs':>8}{'mean K':>8}  " + "  ".join(
+    per_type = "exact match per question type" if types else ""
+    header1 = f"{'':<22}{'exact':>9}{'FLOPs':>8}{'mean':>8}  {per_type}"
+    header2 = f"{'policy':<22}{'match':>9}{'ratio':>8}{'exit K':>8}  " + "  ".join(
         f"{t[:9]:>9}" for t in types
     )
-    lines = [header]
+    lines = [header1.rstrip(), header2.rstrip()]
     for r in results:
         per = "  ".join(f"{r.per_type.get(t, float('nan')):>9.3f}" for t in types)
         lines.append(f"{r.name:<22}{r.accuracy:>9.3f}{r.flops_ratio:>8.3f}{r.mean_exit_layer:>8.2f}  {per}")
+    lines.append(
+        "FLOPs ratio: language-model prefill FLOPs over the full model's on the same prompt, mean over samples. "
+        "mean exit K: the layer after which visual tokens were withdrawn (the decoder depth: never)."
+    )
     return "\n".join(lines)

@@ -69,6 +69,7 @@ def evaluate_exact_match(
     max_new_tokens: int = 8,
     image_transform: Callable | None = None,
     reduction: Reduction = FULL,
+    progress: Callable[[int], None] | None = None,
 ) -> ExactMatchResult:
     """Greedy answers under ``reduction`` (default: the full model), scored by normalized exact match.
 
@@ -83,6 +84,7 @@ def evaluate_exact_match(
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         image_transform=image_transform,
+        progress=progress,
     )
     return score_answers(records, answers.predictions)
 

@@ -242,7 +242,11 @@ def expand_strategies(
         k = exit_k(k, f"strategies.lora_vtw[{i}]")
         out.append(
             Strategy(
-                f"LoRA + VTW K={k}", "LoRA+VTW", Reduction(exit_layer=k), adapters=True, settings={"exit_layer": k}
+                f"LoRA + VTW K={k}",
+                "LoRA+VTW",
+                Reduction(exit_layer=k),
+                adapters=True,
+                settings={"exit_layer": k},
             )
         )
     if gate is not None:

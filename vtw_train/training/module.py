@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..adapters import LANGUAGE_MODEL_ATTENTION, check_lora_placement
+from ..config import Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability
 from ..engine import attach
 from ..gate import ExitGate, GateConfig, Policy
 from ..models import ModelSpec, load_model
@@ -43,28 +44,32 @@ class GateDistillModule(L.LightningModule):
         model_path: str = "toy",
         attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa",
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
-        lora_r: int = 8,
-        lora_alpha: int = 16,
-        lora_dropout: float = 0.0,
+        lora_r: PositiveInt = 8,
+        lora_alpha: PositiveFloat = 16,
+        lora_dropout: Fraction = 0.0,
         lora_target: str = LANGUAGE_MODEL_ATTENTION,
-        gate_width: int = 128,
-        gate_tau: float = 0.5,
-        gate_min_layer: int = 1,
+        gate_width: PositiveInt = 128,
+        gate_tau: Probability = 0.5,
+        gate_min_layer: NonNegativeInt = 1,
         policy: Policy = "gate",
-        kd_weight: float = 1.0,
-        gate_weight: float = 1.0,
-        cost_weight: float = 0.05,
-        temperature: float = 1.0,
-        kl_threshold: float = 0.05,
+        kd_weight: NonNegativeFloat = 1.0,
+        gate_weight: NonNegativeFloat = 1.0,
+        cost_weight: NonNegativeFloat = 0.05,
+        temperature: PositiveFloat = 1.0,
+        kl_threshold: NonNegativeFloat = 0.05,
         kd_exits: Literal["all", "random"] = "all",
-        learning_rate: float = 1e-3,
-        gate_learning_rate: float = 3e-3,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 10,
+        learning_rate: PositiveFloat = 1e-3,
+        gate_learning_rate: PositiveFloat = 3e-3,
+        weight_decay: NonNegativeFloat = 0.0,
+        warmup_steps: NonNegativeInt = 10,
         gradient_checkpointing: bool = False,
     ) -> None:
+        settings = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        _check_ranges(settings)
         super().__init__()
-        self.save_hyperparameters()
+        # Plain Python values (the parser hands over range-checked subclasses of int and float), so a
+        # checkpoint's hparams load with weights_only=True.
+        self.save_hyperparameters({k: _plain(v) for k, v in settings.items()})
         self.distill_config = DistillConfig(
             kd_weight=kd_weight,
             gate_weight=gate_weight,
@@ -95,11 +100,19 @@ class GateDistillModule(L.LightningModule):
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.enable_input_require_grads()
         lora = LoraConfig(
-            r=hp.lora_r, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout, target_modules=hp.lora_target
+            r=int(hp.lora_r),
+            lora_alpha=float(hp.lora_alpha),
+            lora_dropout=float(hp.lora_dropout),
+            target_modules=hp.lora_target,
         )
         model = get_peft_model(base, lora)
         controller = attach(model)
         check_lora_placement(model, controller.language_model, key="model.lora_target")
+        if not hp.gate_min_layer < controller.num_layers - 1:
+            raise ValueError(
+                f"model.gate_min_layer={hp.gate_min_layer} leaves the gate nothing to decide: this model has "
+                f"{controller.num_layers} decoder layers, so it must be at most {controller.num_layers - 2}."
+            )
         text_config = controller.language_model.config
         self.gate = ExitGate(
             GateConfig(
@@ -211,3 +224,40 @@ class GateDistillModule(L.LightningModule):
                 f"Checkpoint lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[:3]}); it was saved "
                 "with a different LoRA or gate configuration."
             )
+
+
+_RANGES = {
+    "lora_r": (lambda v: v >= 1, ">= 1"),
+    "lora_alpha": (lambda v: v > 0, "> 0"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "gate_width": (lambda v: v >= 1, ">= 1"),
+    "gate_tau": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "gate_min_layer": (lambda v: v >= 0, ">= 0"),
+    "kd_weight": (lambda v: v >= 0, ">= 0"),
+    "gate_weight": (lambda v: v >= 0, ">= 0"),
+    "cost_weight": (lambda v: v >= 0, ">= 0"),
+    "temperature": (lambda v: v > 0, "> 0"),
+    "kl_threshold": (lambda v: v >= 0, ">= 0"),
+    "learning_rate": (lambda v: v > 0, "> 0"),
+    "gate_learning_rate": (lambda v: v > 0, "> 0"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "warmup_steps": (lambda v: v >= 0, ">= 0"),
+}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value if not isinstance(value, str) else str(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    return value
+
+
+def _check_ranges(values: dict[str, Any]) -> None:
+    """The same ranges the config parser enforces, for modules built in Python."""
+    for name, (ok, text) in _RANGES.items():
+        value = values[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+            raise ValueError(f"model.{name} must be {text}, got {value!r}.")

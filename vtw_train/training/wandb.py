@@ -33,16 +33,27 @@ def resolve_wandb_mode() -> str:
     return "offline"
 
 
-def make_wandb_logger(project: str, name: str | None, save_dir: str | os.PathLike) -> Any | None:
-    """A WandbLogger in the resolved mode, or None when W&B is disabled."""
+def make_wandb_logger(
+    project: str, name: str | None, save_dir: str | os.PathLike, run_id: str | None = None
+) -> Any | None:
+    """A WandbLogger in the resolved mode, or None when W&B is disabled.
+
+    ``run_id`` makes a resumed run continue the same W&B run (``resume="allow"``).
+    """
     mode = resolve_wandb_mode()
     if mode == "disabled":
         return None
     from lightning.pytorch.loggers import WandbLogger
 
     Path(save_dir).mkdir(parents=True, exist_ok=True)
+    extra = {} if run_id is None else {"id": run_id, "resume": "allow"}
     logger = WandbLogger(
-        project=project, name=name, save_dir=str(save_dir), offline=mode == "offline", log_model=False
+        project=project,
+        name=name,
+        save_dir=str(save_dir),
+        offline=mode == "offline",
+        log_model=False,
+        **extra,
     )
     if mode == "offline":
         rank_zero_info(
