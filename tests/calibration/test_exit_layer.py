@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 import torch
@@ -193,3 +194,34 @@ def test_calibrate_script_on_llava_format_data(tmp_path, metric):
     )
     assert record.num_samples == 4 and record.metric == metric and record.num_layers == 3
     assert CalibrationRecord.load(out).kl_curve == record.kl_curve
+
+
+def test_vtw_settings_come_from_its_table_with_a_fallback():
+    from vtw_train.calibration import VTW_FALLBACK, vtw_setting
+
+    def llava(layers: int, hidden: int, model_type: str = "llava"):
+        class Config:
+            def get_text_config(self, decoder=True):
+                return types.SimpleNamespace(num_hidden_layers=layers, hidden_size=hidden)
+
+        config = Config()
+        config.model_type = model_type
+        return types.SimpleNamespace(config=config)
+
+    assert vtw_setting(llava(32, 4096)).threshold == 0.003 and vtw_setting(llava(32, 4096)).min_layer == 5
+    assert vtw_setting(llava(40, 5120)).threshold == 0.0005
+    assert vtw_setting(llava(32, 4096, "llava_next")).threshold == 0.0001
+    assert vtw_setting(llava(28, 3584, "qwen2_vl")) == VTW_FALLBACK
+    assert VTW_FALLBACK.threshold == 0.003 and VTW_FALLBACK.min_layer == 0
+
+
+def test_calibrate_uses_vtw_s_eta_unless_one_is_set():
+    model = tiny_model("llava", num_layers=5).eval()
+    batch = collate(singles(model, [dict(), dict(seed=11)]), "left")
+    record = calibrate(model, [batch], CalibrationConfig(num_samples=batch["input_ids"].shape[0]))
+    assert record.threshold == 0.003 and record.threshold_source == "VTW's eta for unlisted models"
+    assert record.metric == "first_token" and min(record.kl_curve) == 0
+    chosen = calibrate(
+        model, [batch], CalibrationConfig(num_samples=batch["input_ids"].shape[0], threshold=0.5)
+    )
+    assert chosen.threshold == 0.5 and chosen.threshold_source == "set by the user"

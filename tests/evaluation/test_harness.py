@@ -58,6 +58,7 @@ def _config(miniature, out_dir: Path, **overrides) -> dict:
         "strategies": {
             "vtw": [1, 2, LAYERS],
             "vtw_calibrated": True,
+            "vtw_answer_calibrated": True,
             "vispruner": [16],
             "shortv": [1],
             "fastv": [{"layer": 1, "keep_ratio": 0.5}],
@@ -103,7 +104,15 @@ def test_run_writes_every_output(run, capsys):
     assert names[0] == "full"
     assert "VisPruner T=16 + VTW K=2" in names and "ShortV N=2 + VTW K=2" in names
     assert any(n.startswith("VTW calibrated K=") for n in names)
+    assert any(n.startswith("VTW answer-KL K=") for n in names), "both calibration rules, side by side"
     assert len(names) == len(set(names))
+    assert run["result"].calibration["metric"] == "first_token"
+    assert run["result"].meta["answer_calibration"]["metric"] == "answer_mean"
+    summary = (out / "summary.md").read_text()
+    assert "VTW calibrated: K =" in summary and "VTW answer-KL: K =" in summary
+    assert "each sample at its own prompt length (here" in summary
+    pruned = run["result"].by_name("VisPruner T=16")
+    assert pruned.mean_visual_in is not None and pruned.mean_visual_in <= 16
 
 
 def test_full_model_is_the_reference(run):

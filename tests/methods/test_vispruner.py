@@ -338,7 +338,7 @@ def test_larger_budget_than_an_image_keeps_it_with_a_note():
 def test_pruned_prompt_layout(family):
     model = tiny_model(family)
     inputs = _batch(model)
-    pruned, info = prune_visual_tokens(model, inputs, 3, 0.5, return_info=True)
+    pruned, info = prune_visual_tokens(model, inputs, 3, 0.5, budget="surviving", return_info=True)
     assert info.padding_side == "left"
     assert {"pixel_values", "image_sizes", "image_grid_thw"}.isdisjoint(pruned)
     ids, mask = pruned["input_ids"], pruned["attention_mask"]
@@ -372,7 +372,7 @@ def test_kept_features_are_the_selected_rows_of_the_stock_features(family):
     inputs = _batch(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Qwen2-VL: the 4-token images are kept in full
-        pruned, info = prune_visual_tokens(model, inputs, 5, 0.6, return_info=True)
+        pruned, info = prune_visual_tokens(model, inputs, 5, 0.6, budget="surviving", return_info=True)
     with torch.no_grad():
         if family == "qwen2_vl":
             stock = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
@@ -560,3 +560,72 @@ def test_toy_llava_through_the_collator():
         logits = model(**pruned).logits
     assert out.shape[0] == 3
     assert math.isfinite(float(logits.abs().max()))
+
+
+def test_next_reference_budget_equals_select_then_unpad():
+    """VisPruner's own code on LLaVA-NeXT: T tokens per crop chosen among all of the crop's tokens, then the
+    model's unpadding. Computed here directly: the projected crop features with every token that was not
+    selected replaced by NaN, packed by the model itself; the rows that are not NaN are what reaches the LLM."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    from vtw_train.methods import VisPruner
+
+    model = tiny_model("llava_next")
+    inputs = _batch(model)
+    T, ratio = 5, 0.6
+    pruner = VisPruner(T, ratio)  # the default budget is the reference's
+    assert pruner.budget == "reference"
+    pruned = pruner.prepare(model, dict(inputs))
+    info = pruner.last_info
+    base, config = model.model, model.config
+    with torch.no_grad():
+        tower = base.vision_tower(inputs["pixel_values"].flatten(0, 1), output_hidden_states=True)
+        layer = config.vision_feature_layer % len(tower.hidden_states)
+        importance = cls_attention_importance(
+            getattr(base.vision_tower, "vision_model", base.vision_tower).encoder.layers[layer - 1],
+            tower.hidden_states[layer - 1],
+        )
+        selected_layer = tower.hidden_states[layer][:, 1:]
+        projected = base.multi_modal_projector(selected_layer)
+    sizes = inputs["image_sizes"]
+    crops = [
+        image_size_to_num_patches(
+            image_size=s,
+            grid_pinpoints=config.image_grid_pinpoints,
+            patch_size=config.vision_config.image_size,
+        )
+        for s in sizes
+    ]
+    # pixel_values is padded to the largest crop count; keep each image's real crops
+    per_image_crops = inputs["pixel_values"].shape[1]
+    keep_rows = torch.cat(
+        [torch.arange(i * per_image_crops, i * per_image_crops + n) for i, n in enumerate(crops)]
+    )
+    importance, selected_layer, projected = (
+        importance[keep_rows],
+        selected_layer[keep_rows],
+        projected[keep_rows],
+    )
+    marked = projected.clone()
+    for c in range(marked.shape[0]):
+        chosen = select_visual_tokens(importance[c], selected_layer[c], T, ratio).kept
+        drop = torch.ones(marked.shape[1], dtype=torch.bool)
+        drop[chosen] = False
+        marked[c, drop] = float("nan")
+    packed, _ = base.pack_image_features(
+        list(torch.split(marked, crops)),
+        sizes,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        image_newline=base.image_newline,
+    )
+    features = pruned["mm_encoder_outputs"]["image"].pooler_output
+    for got, expected in zip(features, packed, strict=True):
+        kept = expected[~expected.isnan().any(-1)]
+        assert got.shape == kept.shape
+        torch.testing.assert_close(got, kept, rtol=1e-5, atol=1e-6)
+    # The reference budget can keep fewer than T per crop (the letterbox drops some chosen tokens), while
+    # the surviving budget keeps exactly T of the unpadded tokens.
+    surviving = VisPruner(T, ratio, budget="surviving")
+    surviving.prepare(model, dict(inputs))
+    assert sum(info.visual_tokens_after) < sum(surviving.last_info.visual_tokens_after)
+    assert pruner.kept_visual_tokens() == info.visual_tokens_after

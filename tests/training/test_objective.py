@@ -102,3 +102,66 @@ def test_config_errors():
         DistillConfig(kd_exits="some")
     with pytest.raises(ValueError, match="temperature"):
         DistillConfig(temperature=0)
+
+
+def test_dyvte_rule_on_hand_built_distributions():
+    from vtw_train.training.objective import dyvte_safe
+
+    # Two answer positions over a 3-token vocabulary; targets are tokens 0 and 1.
+    teacher = torch.log(torch.tensor([[[0.7, 0.2, 0.1], [0.2, 0.6, 0.2]]] * 3))
+    agreeing = torch.log(
+        torch.tensor([[0.6, 0.3, 0.1], [0.3, 0.5, 0.2]])
+    )  # same argmax, CE 1.2x the teacher's
+    close = torch.log(
+        torch.tensor([[0.695, 0.205, 0.1], [0.205, 0.595, 0.2]])
+    )  # same argmax, CE within 1.03x
+    flipped = torch.log(torch.tensor([[0.2, 0.7, 0.1], [0.2, 0.6, 0.2]]))  # first argmax differs
+    student = torch.stack([agreeing, close, flipped])
+    targets = torch.tensor([[0, 1]] * 3)
+    valid = torch.ones(3, 2, dtype=torch.bool)
+    ce_teacher = -(torch.log(torch.tensor(0.7)) + torch.log(torch.tensor(0.6))) / 2
+    ce_close = -(torch.log(torch.tensor(0.695)) + torch.log(torch.tensor(0.595))) / 2
+    assert ce_close < 1.03 * ce_teacher  # the hand-made case is what it claims
+    assert dyvte_safe(teacher, student, targets, valid).tolist() == [False, True, False]
+    # A looser CE ratio admits the first sample; an agreement threshold of 0.4 admits the third's 50%.
+    assert dyvte_safe(teacher, student, targets, valid, ce_ratio=1.5).tolist() == [True, True, False]
+    assert dyvte_safe(teacher, student, targets, valid, 0.4, 10.0).tolist() == [True, True, True]
+    # Padding slots do not count.
+    valid[2, 0] = False
+    assert dyvte_safe(teacher, student, targets, valid, 0.99, 10.0).tolist() == [True, True, True]
+
+
+def test_dyvte_labels_in_the_step_equal_an_independent_computation(setup):
+    """Per sample and exit: agreement with the teacher's argmax and the answer cross-entropies, each computed
+    from the reference loop's logits, decide the label (then made monotone)."""
+    model, gate, batch, samples = setup
+    config = DistillConfig(label_rule="dyvte", agree_threshold=0.3, ce_ratio=1.2)
+    out = distill_step(model, gate, batch, config)
+    expected = []
+    for sample in samples:
+        with torch.no_grad(), model.disable_adapter():
+            teacher, idx = reference_logits(model, sample, None)
+        positions = [len(sample["input_ids"][0]) - 4 + j for j in range(3)]
+        rows = [int((idx == p).nonzero()) for p in positions]
+        lp_teacher = F.log_softmax(teacher[0, rows], -1)
+        ce_teacher = -lp_teacher[torch.arange(3), ANSWER[0]].mean()
+        safe = []
+        for k in out.exit_layers[:-1]:
+            with torch.no_grad():
+                student, _ = reference_logits(model, sample, k)
+            lp_student = F.log_softmax(student[0, rows], -1)
+            agree = (lp_student.argmax(-1) == lp_teacher.argmax(-1)).float().mean()
+            ce_student = -lp_student[torch.arange(3), ANSWER[0]].mean()
+            safe.append(bool(agree > 0.3) and bool(ce_student < 1.2 * ce_teacher))
+        expected.append(safe)
+    assert out.gate_label.tolist() == monotone_safe_labels(torch.tensor(expected)).tolist()
+    assert 0 < out.gate_label.sum() < out.gate_label.numel(), "the case must have safe and unsafe exits"
+    kl_labels = distill_step(model, gate, batch, DistillConfig()).gate_label
+    assert out.gate_label.shape == kl_labels.shape
+
+
+def test_dyvte_settings_are_checked():
+    with pytest.raises(ValueError, match="label_rule"):
+        DistillConfig(label_rule="vibes")
+    with pytest.raises(ValueError, match="agree_threshold"):
+        DistillConfig(agree_threshold=1.5)

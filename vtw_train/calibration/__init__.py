@@ -5,7 +5,16 @@ is only valid for the model it was made on, and both run on samples that are not
 """
 
 from .batches import calibration_batches
-from .exit_layer import CalibrationConfig, CalibrationRecord, calibrate, kl_per_sample
+from .exit_layer import (
+    VTW_FALLBACK,
+    VTW_SETTINGS,
+    CalibrationConfig,
+    CalibrationRecord,
+    VTWSetting,
+    calibrate,
+    kl_per_sample,
+    vtw_setting,
+)
 from .kl import kl_divergence, log_probs, masked_mean
 from .layer_contribution import ShortVRecord, layer_contribution
 from .targets import Metric, states_at, target_positions
@@ -15,6 +24,9 @@ __all__ = [
     "CalibrationRecord",
     "Metric",
     "ShortVRecord",
+    "VTWSetting",
+    "VTW_FALLBACK",
+    "VTW_SETTINGS",
     "calibrate",
     "calibration_batches",
     "kl_divergence",
@@ -24,4 +36,5 @@ __all__ = [
     "masked_mean",
     "states_at",
     "target_positions",
+    "vtw_setting",
 ]

@@ -26,23 +26,58 @@ from .targets import Metric, target_positions
 RECORD_FORMAT = "vtw-calibration/1"
 
 
+@dataclass(frozen=True)
+class VTWSetting:
+    """VTW's calibration setting for one model: eta and the smallest candidate K, and where they come from."""
+
+    threshold: float
+    min_layer: int
+    source: str
+
+
+#: VTW's published eta per model (lzhxmu/VTW), keyed by (model_type, decoder layers, hidden size);
+#: VTW searches K from 5 on these 32- and 40-layer models (docs/methods.md §2.2, §2.3).
+VTW_SETTINGS: dict[tuple[str, int, int], VTWSetting] = {
+    ("llava", 32, 4096): VTWSetting(0.003, 5, "VTW's eta for LLaVA-1.5-7B"),
+    ("llava", 40, 5120): VTWSetting(0.0005, 5, "VTW's eta for LLaVA-1.5-13B"),
+    ("llava_next", 32, 4096): VTWSetting(0.0001, 5, "VTW's eta for LLaVA-1.6-vicuna-7B"),
+    # The embedded toy VLM (docs/toy_vlm.md): 8 layers of 128. VTW lists no value; its fallback is used.
+    ("llava", 8, 128): VTWSetting(0.003, 0, "the embedded toy's eta (VTW's fallback; docs/toy_vlm.md)"),
+}
+#: VTW's eta for models it lists no value for.
+VTW_FALLBACK = VTWSetting(0.003, 0, "VTW's eta for unlisted models")
+
+
+def vtw_setting(model: nn.Module) -> VTWSetting:
+    """VTW's eta and smallest K for ``model`` (its published value where there is one, the fallback otherwise)."""
+    from ..adapters import base_model_of
+
+    config = base_model_of(model).config
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    key = (str(getattr(config, "model_type", "")), int(text.num_hidden_layers), int(text.hidden_size))
+    return VTW_SETTINGS.get(key, VTW_FALLBACK)
+
+
 @dataclass
 class CalibrationConfig:
     """Settings of the KL criterion."""
 
-    threshold: float = 0.003
-    """eta; VTW uses 0.003 for LLaVA-1.5-7B and unlisted models."""
+    threshold: float | None = None
+    """eta. None: VTW's value for the model (0.003 LLaVA-1.5-7B, 0.0005 13B, 0.0001 LLaVA-1.6-7B; 0.003
+    for unlisted models)."""
     num_samples: int = 20
     """Calibration samples averaged (VTW: 20)."""
-    min_layer: int = 0
-    """Smallest candidate K (VTW searches from 5 on a 32-layer model)."""
+    min_layer: int | None = None
+    """Smallest candidate K. None: VTW's (5 on the models it lists, 0 otherwise)."""
     metric: Metric = "first_token"
     """``first_token`` (KL at the last prompt position, as VTW) or ``answer_mean`` (mean over the
     teacher-forced answer tokens; needs ``labels`` in the batches)."""
 
     def __post_init__(self) -> None:
-        if self.threshold < 0:
+        if self.threshold is not None and self.threshold < 0:
             raise ValueError(f"calibration threshold must be >= 0, got {self.threshold}.")
+        if self.min_layer is not None and self.min_layer < 0:
+            raise ValueError(f"calibration min_layer must be >= 0, got {self.min_layer}.")
         if self.num_samples < 1:
             raise ValueError(f"calibration num_samples must be >= 1, got {self.num_samples}.")
         if self.metric not in ("first_token", "answer_mean"):
@@ -71,6 +106,7 @@ class CalibrationRecord(RecordFile):
     format: str = RECORD_FORMAT
     created: str = ""
     versions: dict[str, str] = field(default_factory=dict)
+    threshold_source: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()
@@ -114,9 +150,13 @@ def calibrate(
     config = config or CalibrationConfig()
     controller = attach(model)
     num_layers = controller.num_layers
-    if not 0 <= config.min_layer <= num_layers:
-        raise ValueError(f"calibration min_layer={config.min_layer} is outside [0, {num_layers}].")
-    candidates = list(range(config.min_layer, num_layers + 1))
+    vtw = vtw_setting(model)
+    threshold = vtw.threshold if config.threshold is None else config.threshold
+    source = vtw.source if config.threshold is None else "set by the user"
+    min_layer = vtw.min_layer if config.min_layer is None else config.min_layer
+    if not 0 <= min_layer <= num_layers:
+        raise ValueError(f"calibration min_layer={min_layer} is outside [0, {num_layers}].")
+    candidates = list(range(min_layer, num_layers + 1))
     was_training = model.training
     model.eval()
     used: list[dict[str, torch.Tensor]] = []
@@ -138,10 +178,11 @@ def calibrate(
     if seen == 0:
         raise ValueError("Calibration got no samples: the data iterable was empty.")
     curve = {k: sums[k] / seen for k in candidates}
-    chosen = next(k for k in candidates if curve[k] <= config.threshold)
+    chosen = next(k for k in candidates if curve[k] <= threshold)
     return CalibrationRecord(
         exit_layer=chosen,
-        threshold=config.threshold,
+        threshold=threshold,
+        threshold_source=source,
         metric=config.metric,
         num_layers=num_layers,
         num_samples=seen,

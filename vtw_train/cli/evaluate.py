@@ -225,7 +225,8 @@ def _load(run: EvaluateRun, device: torch.device) -> tuple[Any, Any, Any]:
 
 def _calibration_needed(run: EvaluateRun) -> int:
     cal = run.calibration
-    n = cal.num_samples if run.strategies.vtw_calibrated and not cal.record else 0
+    needs_k = (run.strategies.vtw_calibrated and not cal.record) or run.strategies.vtw_answer_calibrated
+    n = cal.num_samples if needs_k else 0
     if run.strategies.needs_shortv:
         n = max(n, cal.shortv_samples)
     return n

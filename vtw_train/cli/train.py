@@ -63,10 +63,13 @@ class RunOptions:
     """Replace whatever an earlier run left in ``output_dir``."""
     calibration: str | None = None
     """An existing calibration record (JSON) to use instead of calibrating."""
-    calibration_metric: Literal["first_token", "answer_mean"] = "answer_mean"
-    """KL criterion: at the first answer token (VTW's) or averaged over the answer tokens."""
-    calibration_threshold: NonNegativeFloat = 0.01
-    """eta: K is the first candidate whose mean KL is at most this."""
+    calibration_metric: Literal["first_token", "answer_mean"] = "first_token"
+    """KL criterion: at the first answer token (VTW's rule) or averaged over the answer tokens (ours)."""
+    calibration_threshold: NonNegativeFloat | None = None
+    """eta: K is the first candidate whose mean KL is at most this. None: VTW's value for the model
+    (0.003 for LLaVA-1.5-7B and unlisted models, 0.0005 13B, 0.0001 LLaVA-1.6-7B)."""
+    calibration_min_layer: NonNegativeInt | None = None
+    """Smallest candidate K. None: VTW's (5 on the models it lists, 0 otherwise)."""
     calibration_samples: PositiveInt = 20
     """Training samples the calibration averages over."""
     eval_samples: NonNegativeInt = 200
@@ -129,6 +132,7 @@ def calibrate_base(
         threshold=options.calibration_threshold,
         num_samples=options.calibration_samples,
         metric=options.calibration_metric,
+        min_layer=options.calibration_min_layer,
     )
     total = -(-options.calibration_samples // datamodule.batch_size)
     with adapters_enabled(module.model, False):
@@ -234,7 +238,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         record.save(own_record)
         mark_finished(out_dir, run, "calibration")
     print(
-        f"calibrated K = {record.exit_layer} (KL curve: "
+        f"calibrated K = {record.exit_layer} ({record.metric} KL <= eta {record.threshold:g}, "
+        f"{record.threshold_source or 'set'}; KL curve: "
         + ", ".join(f"{k}:{v:.4f}" for k, v in sorted(record.kl_curve.items()))
         + ")"
     )

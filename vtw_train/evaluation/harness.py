@@ -46,15 +46,18 @@ def calibrate_exit_layer(
     records: Sequence[VQARecord],
     settings: CalibrationSettings,
     device: torch.device,
+    *,
+    answer_variant: bool = False,
 ) -> CalibrationRecord:
-    """VTW's K on the base model (adapters off), from ``settings.record`` or by the KL criterion."""
-    if settings.record:
+    """K on the base model (adapters off): from ``settings.record``, by VTW's rule (first-token KL,
+    ``settings.threshold``), or with ``answer_variant`` by our answer-token mean (``settings.answer_threshold``)."""
+    if settings.record and not answer_variant:
         return CalibrationRecord.load(settings.record, model=model)
     _require(records, settings.num_samples, "calibration.num_samples")
     config = CalibrationConfig(
-        threshold=settings.threshold,
+        threshold=settings.answer_threshold if answer_variant else settings.threshold,
         num_samples=settings.num_samples,
-        metric=settings.metric,
+        metric="answer_mean" if answer_variant else settings.metric,
         min_layer=settings.min_layer,
     )
     batches = calibration_batches(
@@ -119,15 +122,24 @@ def run_harness(
     device = next(model.parameters()).device
     model.eval()
 
-    cal_record = shortv_record = None
-    if sweep.vtw_calibrated:
+    cal_record = answer_record = shortv_record = None
+    for wanted, answer_variant in ((sweep.vtw_calibrated, False), (sweep.vtw_answer_calibrated, True)):
+        if not wanted:
+            continue
         start = time.perf_counter()
-        cal_record = calibrate_exit_layer(model, processor, calibration_records, calibration, device)
-        log(
-            f"calibrated K = {cal_record.exit_layer} of {controller.num_layers} (eta {cal_record.threshold}, "
-            f"{cal_record.metric}, {cal_record.num_samples} samples, {time.perf_counter() - start:.1f} s); KL: "
-            + ", ".join(f"{k}:{v:.4f}" for k, v in sorted(cal_record.kl_curve.items()))
+        record = calibrate_exit_layer(
+            model, processor, calibration_records, calibration, device, answer_variant=answer_variant
         )
+        log(
+            f"calibrated K = {record.exit_layer} of {controller.num_layers} ({record.metric} KL <= eta "
+            f"{record.threshold:g}, {record.threshold_source or 'set'}; {record.num_samples} samples, "
+            f"{time.perf_counter() - start:.1f} s); KL: "
+            + ", ".join(f"{k}:{v:.4f}" for k, v in sorted(record.kl_curve.items()))
+        )
+        if answer_variant:
+            answer_record = record
+        else:
+            cal_record = record
     if sweep.needs_shortv:
         start = time.perf_counter()
         shortv_record = measure_layer_contribution(model, processor, calibration_records, calibration, device)
@@ -146,6 +158,7 @@ def run_harness(
         sweep,
         controller.num_layers,
         calibrated_exit_layer=None if cal_record is None else cal_record.exit_layer,
+        answer_calibrated_exit_layer=None if answer_record is None else answer_record.exit_layer,
         gate=gate,
         shortv=shortv_record,
         lora=has_adapters(model),
@@ -181,9 +194,15 @@ def run_harness(
         set_adapters(model, True)
         controller.reduction = FULL
 
-    return _assemble(
+    result = _assemble(
         strategies, generated, costs, records, controller.num_layers, timing, cal_record, shortv_record
     )
+    full = generated[strategies[0].name]
+    result.meta["mean_text_tokens"] = full.mean_text_tokens
+    result.meta["mean_visual_tokens"] = sum(full.n_visual) / max(1, len(full.n_visual))
+    if answer_record is not None:
+        result.meta["answer_calibration"] = _calibration_summary(answer_record)
+    return result
 
 
 def _measure(
@@ -237,6 +256,7 @@ def _assemble(
                 mean_exit_layer=mean_exit,
                 per_type=per_type,
                 predictions=g.predictions,
+                mean_visual_in=g.mean_visual_in,
             )
         )
     counts = results[0].per_type
@@ -255,6 +275,7 @@ def _calibration_summary(record: CalibrationRecord) -> dict[str, Any]:
     return {
         "exit_layer": record.exit_layer,
         "threshold": record.threshold,
+        "threshold_source": record.threshold_source,
         "metric": record.metric,
         "num_samples": record.num_samples,
         "kl_curve": {str(k): v for k, v in sorted(record.kl_curve.items())},

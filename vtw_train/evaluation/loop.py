@@ -39,6 +39,19 @@ class Answers:
     flops_ratios: list[float] = field(default_factory=list)
     exit_layers: list[int | None] = field(default_factory=list)
     kept_visual: list[int | None] = field(default_factory=list)
+    n_text: list[int] = field(default_factory=list)
+    n_visual: list[int] = field(default_factory=list)
+
+    @property
+    def mean_text_tokens(self) -> float:
+        """Mean non-visual prompt tokens: the text length every FLOPs ratio here is computed at."""
+        return sum(self.n_text) / max(1, len(self.n_text))
+
+    @property
+    def mean_visual_in(self) -> float | None:
+        """Mean visual tokens that entered the language model (after a pre-LLM pruner; None: no pruner)."""
+        kept = [k for k in self.kept_visual if k is not None]
+        return sum(kept) / len(kept) if kept else None
 
 
 def _with_images(records: Sequence[VQARecord], transform: ImageTransform) -> list[VQARecord]:
@@ -99,6 +112,8 @@ def generate_answers(
                 out.predictions.append(text)
                 out.exit_layers.append(exits[i])
                 out.kept_visual.append(kept_i)
+                out.n_text.append(n_text[i])
+                out.n_visual.append(n_visual[i])
                 out.flops_ratios.append(flops_ratio(dims, n_text[i], n_visual[i], plan))
             if progress is not None:
                 progress(len(texts))

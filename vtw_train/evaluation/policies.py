@@ -40,6 +40,7 @@ class PolicyResult:
     exit_histogram: dict[int, int] = field(default_factory=dict)
     predictions: list[str] = field(default_factory=list)
     role: PolicyRole = "other"
+    mean_text_tokens: float = 0.0
 
 
 def policy_strategies(
@@ -104,6 +105,7 @@ def compare_policies(
                 exit_histogram=dict(sorted(Counter(exits).items())),
                 predictions=scored.predictions,
                 role=role,
+                mean_text_tokens=answers.mean_text_tokens,
             )
         )
     return results
@@ -176,8 +178,10 @@ def format_results(results: Sequence[PolicyResult]) -> str:
     for r in results:
         per = "  ".join(f"{r.per_type.get(t, float('nan')):>9.3f}" for t in types)
         lines.append(f"{r.name:<22}{r.accuracy:>9.3f}{r.flops_ratio:>8.3f}{r.mean_exit_layer:>8.2f}  {per}")
+    text = results[0].mean_text_tokens if results else 0.0
     lines.append(
-        "FLOPs ratio: language-model prefill FLOPs over the full model's on the same prompt, mean over samples. "
-        "mean exit K: the layer after which visual tokens were withdrawn (the decoder depth: never)."
+        "FLOPs ratio: language-model prefill FLOPs over the full model's on the same prompt, mean over samples, "
+        f"each at its own text length ({text:.1f} text tokens on average). mean exit K: the layer after which "
+        "visual tokens were withdrawn (the decoder depth: never)."
     )
     return "\n".join(lines)

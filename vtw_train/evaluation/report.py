@@ -31,6 +31,7 @@ CSV_COLUMNS = (
     "kv_ratio",
     "peak_memory_bytes",
     "mean_exit_layer",
+    "mean_visual_in",
     "settings",
 )
 #: The CSV's per-question-type columns (the rest are batch-level and stay empty there).
@@ -44,6 +45,12 @@ STRATEGY_TABLE_COLUMNS = (
     "time_ratio",
     "kv_bytes",
 )
+
+
+def _lengths(meta: dict[str, Any]) -> str:
+    if "mean_text_tokens" not in meta:
+        return ""
+    return f" (here {meta['mean_text_tokens']:.1f} text and {meta['mean_visual_tokens']:.1f} visual tokens on average)"
 
 
 def _num(value: float | None, fmt: str = ".3f") -> str:
@@ -79,6 +86,7 @@ def csv_rows(result: HarnessResult) -> list[dict[str, Any]]:
                 "kv_ratio": "" if math.isnan(s.kv_ratio) else s.kv_ratio,
                 "peak_memory_bytes": "" if s.peak_memory_bytes is None else s.peak_memory_bytes,
                 "mean_exit_layer": "" if s.mean_exit_layer is None else s.mean_exit_layer,
+                "mean_visual_in": "" if s.mean_visual_in is None else s.mean_visual_in,
                 "settings": json.dumps(s.settings, sort_keys=True),
             }
         )
@@ -141,14 +149,14 @@ def summary_markdown(
         "KV MiB",
     ]
     header += ["peak GPU MiB"] if gpu else []
-    header += ["mean K"]
+    header += ["mean K", "visual in"]
     rows = []
     for s in result.strategies:
         rel = s.accuracy / full.accuracy if full.accuracy > 0 else math.nan
         row = [s.name, s.method, _num(s.accuracy), _pct(rel), _num(s.agreement), _num(s.flops_ratio)]
         row += [_num(s.time_ratio, ".2f"), _mib(s.kv_bytes)]
         row += [_mib(s.peak_memory_bytes)] if gpu else []
-        row += [_num(s.mean_exit_layer, ".2f")]
+        row += [_num(s.mean_exit_layer, ".2f"), _num(s.mean_visual_in, ".1f")]
         rows.append(row)
     types = list(result.question_types)
     meta = result.meta
@@ -157,15 +165,19 @@ def summary_markdown(
         lines.append(f"Model: `{meta['model']}`, {result.num_layers} decoder layers.")
     lines.append(
         f"{result.num_samples} evaluated samples ({', '.join(f'{t}: {n}' for t, n in result.question_types.items())}); "
-        f"greedy decoding. FLOPs: analytic LM prefill, mean per-sample ratio to the full model. Time: median "
+        f"greedy decoding. FLOPs: analytic LM prefill, mean per-sample ratio to the full model, each sample at its "
+        f"own prompt length{_lengths(meta)}. Visual in: visual tokens entering the LM after pre-LLM pruning. Time: median "
         f"prefill of one fixed batch of {result.timing_batch_size} prompts, all strategies interleaved, over the "
         f"full model's. KV MiB: cache after prefilling that batch."
     )
-    if result.calibration:
-        lines.append(
-            f"Calibrated K = {result.calibration['exit_layer']} (eta {result.calibration['threshold']}, "
-            f"{result.calibration['metric']}, {result.calibration['num_samples']} samples not evaluated)."
-        )
+    for key, what in (("calibration", "VTW calibrated"), ("answer_calibration", "VTW answer-KL")):
+        cal = result.calibration if key == "calibration" else meta.get(key)
+        if cal:
+            lines.append(
+                f"{what}: K = {cal['exit_layer']} ({cal['metric']} KL <= eta {cal['threshold']:g}"
+                f"{', ' + cal['threshold_source'] if cal.get('threshold_source') else ''}; "
+                f"{cal['num_samples']} samples not evaluated)."
+            )
     if result.shortv:
         lines.append(f"ShortV freezing order (least contributing first): {result.shortv['frozen_order']}.")
     lines += ["", "## Strategies", "", *_table(header, rows, text_columns=2), ""]

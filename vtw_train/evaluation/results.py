@@ -38,6 +38,8 @@ class StrategyResult:
     time_ratio: median prefill seconds / the full model's, same batch, interleaved (NaN: not timed).
     kv_bytes: KV-cache bytes after prefilling the timing batch.
     mean_exit_layer: mean K over samples for strategies that withdraw (never exited counts as L).
+    mean_visual_in: mean visual tokens entering the language model, for strategies that prune before
+        it (VisPruner: at most T per image; on LLaVA-NeXT with the reference budget, fewer).
     """
 
     name: str
@@ -55,6 +57,7 @@ class StrategyResult:
     mean_exit_layer: float | None
     per_type: dict[str, GroupStats] = field(default_factory=dict)
     predictions: list[str] = field(default_factory=list, repr=False)
+    mean_visual_in: float | None = None
 
 
 @dataclass

@@ -54,14 +54,18 @@ class TimingSettings:
 class CalibrationSettings:
     """Calibration of VTW's K (KL criterion) and ShortV's Layer Contribution, on samples that are not evaluated."""
 
-    threshold: float = 0.01
-    """eta of the KL criterion (``vtw_train.calibration.CalibrationConfig``)."""
+    threshold: float | None = None
+    """eta of VTW's rule (first-token KL). None: VTW's value for the model (0.003 for LLaVA-1.5-7B and
+    unlisted models, 0.0005 13B, 0.0001 LLaVA-1.6-7B)."""
     num_samples: int = 20
-    """Samples for the K calibration."""
-    metric: Literal["first_token", "answer_mean"] = "answer_mean"
-    """KL at the first answer token (VTW's) or averaged over the answer tokens."""
-    min_layer: int = 0
-    """Smallest candidate K."""
+    """Samples for the K calibration (VTW: 20)."""
+    metric: Literal["first_token", "answer_mean"] = "first_token"
+    """The metric of the row named "VTW calibrated": VTW's first-token KL, or our answer-token mean."""
+    min_layer: int | None = None
+    """Smallest candidate K. None: VTW's (5 on the models it lists, 0 otherwise)."""
+    answer_threshold: float = 0.01
+    """eta of our answer-token variant (``strategies.vtw_answer_calibrated``): mean KL over the
+    teacher-forced answer tokens."""
     shortv_samples: int = 20
     """Samples for Layer Contribution."""
     batch_size: int = 10
@@ -77,6 +81,10 @@ class CalibrationSettings:
             )
         if self.batch_size < 1:
             raise ValueError(f"calibration.batch_size must be >= 1, got {self.batch_size}")
+        for name in ("threshold", "min_layer", "answer_threshold"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"calibration.{name} must be >= 0, got {value}")
 
     @property
     def samples_needed(self) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..engine import FULL, Reduction
 
@@ -36,6 +36,7 @@ FAMILIES = (
     "full",
     "VTW",
     "VTW calibrated",
+    "VTW answer-KL",
     "LoRA+VTW",
     "gate",
     "VisPruner",
@@ -94,7 +95,10 @@ class StrategySweep:
     vtw: list[int] = field(default_factory=list)
     """Fixed exit layers K for training-free VTW."""
     vtw_calibrated: bool = True
-    """Also run VTW at the K chosen by KL calibration (``calibration`` section)."""
+    """Also run VTW at the K its own rule calibrates (first-token KL <= eta; ``calibration`` section)."""
+    vtw_answer_calibrated: bool = False
+    """Also run VTW at the K our answer-token variant calibrates (mean answer KL <=
+    ``calibration.answer_threshold``), next to VTW's rule."""
     lora_vtw: list[int] = field(default_factory=list)
     """Fixed exit layers K run with a gated checkpoint's LoRA adapters on: what distillation alone
     buys at a fixed K (needs ``gated_checkpoint``)."""
@@ -105,6 +109,9 @@ class StrategySweep:
     """Tokens T kept per image by VisPruner."""
     vispruner_important_ratio: float = 0.5
     """VisPruner's importance share r (the rest of T is chosen for diversity)."""
+    vispruner_budget: Literal["reference", "surviving"] = "reference"
+    """LLaVA-NeXT crops: T among all of a crop's tokens, then unpadding (``reference``, VisPruner's own
+    code: at most T reach the LLM), or T among the tokens unpadding keeps (``surviving``: exactly T)."""
     shortv: list[int] = field(default_factory=list)
     """Numbers N of frozen layers (Layer Contribution is measured first)."""
     fastv: list[FastVSetting] = field(default_factory=list)
@@ -171,6 +178,7 @@ def expand_strategies(
     num_layers: int,
     *,
     calibrated_exit_layer: int | None = None,
+    answer_calibrated_exit_layer: int | None = None,
     gate: ExitGate | None = None,
     shortv: ShortVRecord | None = None,
     lora: bool = False,
@@ -224,7 +232,7 @@ def expand_strategies(
         return chosen if below is None else frozenset(layer for layer in chosen if layer < below)
 
     def pruner(t: int) -> VisPruner:
-        return VisPruner(num_tokens=t, important_ratio=ratio)
+        return VisPruner(num_tokens=t, important_ratio=ratio, budget=sweep.vispruner_budget)
 
     for i, k in enumerate(sweep.vtw):
         k = exit_k(k, f"strategies.vtw[{i}]")
@@ -236,6 +244,17 @@ def expand_strategies(
         out.append(
             Strategy(
                 f"VTW calibrated K={k}", "VTW calibrated", Reduction(exit_layer=k), settings={"exit_layer": k}
+            )
+        )
+    if sweep.vtw_answer_calibrated:
+        if answer_calibrated_exit_layer is None:
+            raise ValueError(
+                "strategies.vtw_answer_calibrated is true but no answer-KL calibrated K was given"
+            )
+        k = exit_k(answer_calibrated_exit_layer, "calibration (the answer-KL calibrated K)")
+        out.append(
+            Strategy(
+                f"VTW answer-KL K={k}", "VTW answer-KL", Reduction(exit_layer=k), settings={"exit_layer": k}
             )
         )
     for i, k in enumerate(sweep.lora_vtw):

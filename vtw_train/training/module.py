@@ -35,8 +35,8 @@ class GateDistillModule(L.LightningModule):
         gate_min_layer / gate_tau / gate_width: see :class:`vtw_train.gate.GateConfig`.
         policy: the exit policy the exported checkpoint loads with (``gate``, ``fixed`` or
             ``gate_capped``; see :func:`vtw_train.gate.policy_reduction`).
-        kd_weight / gate_weight / cost_weight / temperature / kl_threshold / kd_exits: see
-            :class:`vtw_train.training.objective.DistillConfig`.
+        kd_weight / gate_weight / cost_weight / temperature / kl_threshold / kd_exits / label_rule /
+            agree_threshold / ce_ratio: see :class:`vtw_train.training.objective.DistillConfig`.
     """
 
     def __init__(
@@ -58,6 +58,9 @@ class GateDistillModule(L.LightningModule):
         temperature: PositiveFloat = 1.0,
         kl_threshold: NonNegativeFloat = 0.05,
         kd_exits: Literal["all", "random"] = "all",
+        label_rule: Literal["kl", "dyvte"] = "kl",
+        agree_threshold: Probability = 0.99,
+        ce_ratio: PositiveFloat = 1.03,
         learning_rate: PositiveFloat = 1e-3,
         gate_learning_rate: PositiveFloat = 3e-3,
         weight_decay: NonNegativeFloat = 0.0,
@@ -77,6 +80,9 @@ class GateDistillModule(L.LightningModule):
             temperature=temperature,
             kl_threshold=kl_threshold,
             kd_exits=kd_exits,
+            label_rule=label_rule,
+            agree_threshold=float(agree_threshold),
+            ce_ratio=float(ce_ratio),
         )
         self.model: nn.Module | None = None
         self.gate: ExitGate | None = None

@@ -36,7 +36,11 @@ class DistillConfig:
 
     kd_exits: which exits get the distillation loss: ``all`` candidates (plus the full
         model), or one ``random`` candidate per sample (plus the full model).
-    kl_threshold: an exit is labelled safe when the per-sample mean answer KL is at most this.
+    label_rule: when exiting at K counts as safe for a sample, the gate's training label:
+        ``kl``: its mean answer KL(teacher || student at K) is at most ``kl_threshold``;
+        ``dyvte``: DyVTE's rule, the student at K agrees with the teacher's argmax on more than
+        ``agree_threshold`` of the answer tokens and its answer cross-entropy is below
+        ``ce_ratio`` times the teacher's (docs/methods.md §3.2). Either is made monotone.
     temperature: softens both distributions in the KD loss (scaled back by T^2).
     """
 
@@ -46,10 +50,19 @@ class DistillConfig:
     temperature: float = 1.0
     kl_threshold: float = 0.05
     kd_exits: str = "all"
+    label_rule: str = "kl"
+    agree_threshold: float = 0.99
+    ce_ratio: float = 1.03
 
     def __post_init__(self) -> None:
         if self.kd_exits not in ("all", "random"):
             raise ValueError(f"distill kd_exits must be 'all' or 'random', got {self.kd_exits!r}.")
+        if self.label_rule not in ("kl", "dyvte"):
+            raise ValueError(f"distill label_rule must be 'kl' or 'dyvte', got {self.label_rule!r}.")
+        if not 0 <= self.agree_threshold <= 1 or self.ce_ratio <= 0:
+            raise ValueError(
+                f"distill agree_threshold must be in [0, 1] and ce_ratio > 0, got {self.agree_threshold}, {self.ce_ratio}."
+            )
         if self.temperature <= 0:
             raise ValueError(f"distill temperature must be > 0, got {self.temperature}.")
         for name in ("kd_weight", "gate_weight", "cost_weight", "kl_threshold"):
@@ -90,10 +103,37 @@ def teacher_log_probs(
         model.train(was_training)
 
 
+def _at_temperature_1(log_p: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Log-probabilities at temperature 1 from those at ``temperature`` (the same logits, rescaled)."""
+    return log_p if temperature == 1.0 else F.log_softmax(log_p * temperature, dim=-1)
+
+
 def monotone_safe_labels(safe: torch.Tensor) -> torch.Tensor:
     """``safe[b, l]`` -> 1 only if exiting at l and at every later layer is safe (suffix AND)."""
     flipped = torch.flip(safe.float(), dims=[1])
     return torch.flip(torch.cummin(flipped, dim=1).values, dims=[1])
+
+
+def dyvte_safe(
+    teacher: torch.Tensor,
+    student: torch.Tensor,
+    targets: torch.Tensor,
+    valid: torch.Tensor,
+    agree_threshold: float = 0.99,
+    ce_ratio: float = 1.03,
+) -> torch.Tensor:
+    """DyVTE's label, per sample ``[B]``: exiting is safe when the exited model agrees with the full
+    one's argmax on more than ``agree_threshold`` of the answer tokens and its answer cross-entropy is
+    below ``ce_ratio`` times the full model's.
+
+    ``teacher`` / ``student``: log-probabilities ``[B, P, V]`` at the answer positions; ``targets``:
+    the answer tokens they predict ``[B, P]``; ``valid``: ``[B, P]``.
+    """
+    agree = masked_mean(((student.argmax(-1) == teacher.argmax(-1)) & valid).float(), valid)
+    pick = targets.clamp_min(0).unsqueeze(-1)
+    ce_student = masked_mean(-student.gather(-1, pick).squeeze(-1), valid)
+    ce_teacher = masked_mean(-teacher.gather(-1, pick).squeeze(-1), valid)
+    return (agree > agree_threshold) & (ce_student < ce_ratio * ce_teacher)
 
 
 def exit_distribution(p: torch.Tensor) -> torch.Tensor:
@@ -122,13 +162,22 @@ def distill_step(
     with controller.using():
         sweep = run_sweep(model, inputs, exit_layers[:-1], positions, keep_layer_outputs=True)
     head = model.get_output_embeddings()
-    kl_columns, agree_columns = [], []
+    kl_columns, agree_columns, dyvte_columns = [], [], []
     teacher_tokens = teacher.argmax(-1)
+    dyvte = config.label_rule == "dyvte"
+    if dyvte:  # DyVTE's cross-entropies are on the answer tokens, at temperature 1
+        targets = batch["labels"].gather(1, (positions + 1).clamp_max(batch["labels"].shape[1] - 1))
+        teacher_1 = _at_temperature_1(teacher, config.temperature)
     for k in exit_layers:
         student = log_probs(head, sweep.states[k], config.temperature)
         kl = kl_divergence(teacher, student)  # [B, P]
         kl_columns.append(masked_mean(kl, valid) * config.temperature**2)
         agree_columns.append(((student.argmax(-1) == teacher_tokens) | ~valid).all(1))
+        if dyvte and k < num_layers:
+            student_1 = _at_temperature_1(student.detach(), config.temperature)
+            dyvte_columns.append(
+                dyvte_safe(teacher_1, student_1, targets, valid, config.agree_threshold, config.ce_ratio)
+            )
     kl_matrix = torch.stack(kl_columns, dim=1)  # [B, nK]
     if config.kd_exits == "all":
         pick = torch.ones_like(kl_matrix)
@@ -145,7 +194,10 @@ def distill_step(
         dim=1,
     )
     prob = torch.sigmoid(logits)
-    safe = kl_matrix[:, :-1].detach() <= config.kl_threshold
+    if dyvte:
+        safe = torch.stack(dyvte_columns, dim=1)
+    else:
+        safe = kl_matrix[:, :-1].detach() <= config.kl_threshold
     labels = monotone_safe_labels(safe)
     gate_loss = F.binary_cross_entropy_with_logits(logits, labels)
     ratios = exit_flops_ratios(controller.language_model.config, sweep.visual, padding, exit_layers)

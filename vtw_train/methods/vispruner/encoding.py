@@ -6,9 +6,10 @@ when every token is kept), computes the importance signal, selects per image (pe
 LLaVA-NeXT) and returns the kept feature rows. Everything after that (rewriting the prompt) is
 family-independent, except Qwen2-VL's M-RoPE positions.
 
-LLaVA-NeXT: each crop is pruned to T among its tokens that survive anyres unpadding (tokens in
-the letterbox padding would be discarded by the model anyway, so they may not use up the
-budget); image-newline tokens are always kept. The layout comes from the model's own
+LLaVA-NeXT: each crop keeps T tokens. With the ``reference`` budget (VisPruner's own code) they
+are chosen among all of the crop's tokens and anyres unpadding then drops those in the letterbox
+padding, so at most T reach the LLM; with ``surviving`` they are chosen among the tokens that
+survive unpadding, so exactly T do. Image-newline tokens are always kept. The layout comes from the model's own
 ``pack_image_features``, so the kept features and the kept slots line up exactly.
 """
 
@@ -126,7 +127,9 @@ def _warn_no_pruning(notes: list[str], num_tokens: int, count: int, what: str) -
         warnings.warn(note, stacklevel=4)  # the caller of prune_visual_tokens
 
 
-def _encode_llava(model: Any, inputs: Mapping[str, Any], num_tokens: int, ratio: float, notes: list[str]):
+def _encode_llava(
+    model: Any, inputs: Mapping[str, Any], num_tokens: int, ratio: float, notes: list[str], budget: str
+):
     base, config = model.model, model.config
     out = base.get_image_features(
         pixel_values=inputs["pixel_values"],
@@ -146,7 +149,7 @@ def _encode_llava(model: Any, inputs: Mapping[str, Any], num_tokens: int, ratio:
 
 
 def _encode_llava_next(
-    model: Any, inputs: Mapping[str, Any], num_tokens: int, ratio: float, notes: list[str]
+    model: Any, inputs: Mapping[str, Any], num_tokens: int, ratio: float, notes: list[str], budget: str
 ):
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
@@ -197,7 +200,10 @@ def _encode_llava_next(
         for c in range(first, first + n_crops):
             if num_tokens > patches:
                 _warn_no_pruning(notes, num_tokens, patches, "a LLaVA-NeXT crop")
-            sel = select_visual_tokens(importance[c], features[c], num_tokens, ratio, candidates=survives[c])
+            # "reference": T among all of the crop's tokens, then unpadding drops some (at most T kept, as
+            # VisPruner's code does); "surviving": T among the tokens that survive unpadding (exactly T).
+            pool = survives[c] if budget == "surviving" else None
+            sel = select_visual_tokens(importance[c], features[c], num_tokens, ratio, candidates=pool)
             keep_ids[c * patches + sel.kept] = True
             sels.append(sel)
             imps.append(importance[c])
@@ -213,7 +219,9 @@ def _encode_llava_next(
     return enc
 
 
-def _encode_qwen2_vl(model: Any, inputs: Mapping[str, Any], num_tokens: int, ratio: float, notes: list[str]):
+def _encode_qwen2_vl(
+    model: Any, inputs: Mapping[str, Any], num_tokens: int, ratio: float, notes: list[str], budget: str
+):
     base = model.model
     visual = base.visual
     grid_thw = inputs.get("image_grid_thw")
@@ -253,7 +261,7 @@ def _encode_qwen2_vl(model: Any, inputs: Mapping[str, Any], num_tokens: int, rat
     return enc
 
 
-Encoder = Callable[[Any, Mapping[str, Any], int, float, list[str]], EncodedImages]
+Encoder = Callable[[Any, Mapping[str, Any], int, float, list[str], str], EncodedImages]
 
 #: model_type -> encoder. Adding a family is one function and one entry here.
 ENCODERS: dict[str, Encoder] = {

@@ -26,7 +26,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -45,6 +45,10 @@ from .prompt import (
     repack_positions,
 )
 from .selection import DIVERSITY_STEP, TokenSelection, budgets, check_num_tokens, check_ratio
+
+#: LLaVA-NeXT crops: ``reference`` picks T among all of a crop's tokens, then unpadding drops some (at
+#: most T kept, VisPruner's own behaviour); ``surviving`` picks T among the tokens unpadding keeps.
+NextBudget = Literal["reference", "surviving"]
 
 
 def image_token_of(config: Any) -> int:
@@ -100,6 +104,7 @@ def prune_visual_tokens(
     num_tokens: int,
     important_ratio: float = 0.5,
     *,
+    budget: NextBudget = "reference",
     return_info: bool = False,
 ) -> dict[str, Any] | tuple[dict[str, Any], PruneInfo]:
     """Model inputs in which every image keeps at most ``num_tokens`` visual tokens (VisPruner).
@@ -138,7 +143,9 @@ def prune_visual_tokens(
         info = PruneInfo(model_type, num_tokens, important_ratio, side, [], before, before, notes)
         return (out, info) if return_info else out
 
-    enc = ENCODERS[model_type](model, inputs, num_tokens, important_ratio, notes)
+    if budget not in ("reference", "surviving"):
+        raise ValueError(f"budget must be 'reference' or 'surviving', got {budget!r}")
+    enc = ENCODERS[model_type](model, inputs, num_tokens, important_ratio, notes, budget)
     owners, slots = assign_images(is_image, valid, enc.original)
 
     keep = valid & ~is_image
@@ -199,9 +206,14 @@ class VisPruner:
 
     name = "vispruner"
 
-    def __init__(self, num_tokens: int, important_ratio: float = 0.5) -> None:
+    def __init__(
+        self, num_tokens: int, important_ratio: float = 0.5, budget: NextBudget = "reference"
+    ) -> None:
         self.num_tokens = check_num_tokens(num_tokens)
         self.important_ratio = check_ratio(important_ratio)
+        if budget not in ("reference", "surviving"):
+            raise ValueError(f"VisPruner budget must be 'reference' or 'surviving', got {budget!r}")
+        self.budget = budget
         self.last_info: PruneInfo | None = None
 
     @property
@@ -214,7 +226,7 @@ class VisPruner:
 
     def prepare(self, model: Any, inputs: Mapping[str, Any]) -> dict[str, Any]:
         new_inputs, info = prune_visual_tokens(
-            model, inputs, self.num_tokens, self.important_ratio, return_info=True
+            model, inputs, self.num_tokens, self.important_ratio, budget=self.budget, return_info=True
         )
         self.last_info = info
         return new_inputs
@@ -250,9 +262,10 @@ class VisPruner:
             "important_tokens": self.important_tokens,
             "diverse_tokens": self.diverse_tokens,
             "diversity_step": DIVERSITY_STEP,
+            "budget": self.budget,
             "scope": "per image; per crop on LLaVA-NeXT (newline tokens kept); after the merger on Qwen2-VL",
             "positions": "compacted (LLaVA, LLaVA-NeXT); original M-RoPE ids of kept tokens (Qwen2-VL)",
         }
 
     def __repr__(self) -> str:
-        return f"VisPruner(num_tokens={self.num_tokens}, important_ratio={self.important_ratio})"
+        return f"VisPruner(num_tokens={self.num_tokens}, important_ratio={self.important_ratio}, budget={self.budget!r})"
