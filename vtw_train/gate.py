@@ -33,8 +33,12 @@ class GateConfig:
     """Architecture and decision rule of the gate.
 
     width: hidden width of the router MLP (docs/methods.md §3.5: <= 256).
-    tau: exit when p_exit >= tau. DyVTE's rule is tau = 0.5, min_layer = 0.
-    min_layer: first layer after which the gate may fire (exit layer K = l + 1 >= min_layer + 1).
+    tau: exit when p_exit >= tau. DyVTE's rule is tau = 0.5, min_layer = 0, lag = 0.
+    min_layer: first layer after which the gate is asked.
+    lag: a decision made after layer l withdraws the visual tokens from layer l + 1 + lag on.
+        With lag >= 1 the engine reads the decision while the next layers already run, so asking
+        the gate never stalls the GPU; training labels each decision at the exit it will cause.
+    ask_every: ask after every ``ask_every``-th candidate layer only (fewer, cheaper decisions).
     """
 
     hidden_size: int
@@ -42,6 +46,8 @@ class GateConfig:
     width: int = 128
     tau: float = 0.5
     min_layer: int = 1
+    lag: int = 0
+    ask_every: int = 1
 
     def __post_init__(self) -> None:
         if not 0.0 < self.tau <= 1.0:
@@ -50,11 +56,24 @@ class GateConfig:
             raise ValueError(f"gate min_layer must be in [0, {self.num_layers - 1}], got {self.min_layer}.")
         if self.width < 1:
             raise ValueError(f"gate width must be >= 1, got {self.width}.")
+        if self.lag < 0 or self.ask_every < 1:
+            raise ValueError(
+                f"gate lag must be >= 0 and ask_every >= 1, got {self.lag} and {self.ask_every}."
+            )
+        if not self.candidate_layers:
+            raise ValueError(
+                f"gate min_layer={self.min_layer} with lag={self.lag} leaves no layer to ask on a "
+                f"{self.num_layers}-layer decoder (the exit must come before the last layer)."
+            )
 
     @property
     def candidate_layers(self) -> list[int]:
         """Layers after which the gate is asked (exiting after the last layer saves nothing)."""
-        return list(range(self.min_layer, self.num_layers - 1))
+        return list(range(self.min_layer, self.num_layers - 1 - self.lag, self.ask_every))
+
+    def exit_layer_of(self, layer: int) -> int:
+        """The exit layer K that a decision made after ``layer`` causes."""
+        return layer + 1 + self.lag
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -122,7 +141,8 @@ def pooling_weights(mean_mask: torch.Tensor, last: torch.Tensor) -> torch.Tensor
     """
     mean = mean_mask.float()
     mean = mean / mean.sum(dim=1, keepdim=True).clamp_min(1.0)
-    pick = torch.nn.functional.one_hot(last, mean_mask.shape[1]).float()
+    # A comparison, not one_hot: one_hot reads the indices' range back from the device.
+    pick = (torch.arange(mean_mask.shape[1], device=last.device) == last.unsqueeze(1)).float()
     return torch.stack([mean, pick], dim=1)
 
 
@@ -147,6 +167,8 @@ class GateExitRule:
     """
 
     def __init__(self, gate: ExitGate, tau: float | None = None) -> None:
+        self.lag = gate.config.lag  # the engine applies a decision made after layer l from l + 1 + lag
+        self._asked = frozenset(gate.config.candidate_layers)
         self.gate = gate
         self.tau = gate.config.tau if tau is None else tau
         self.last_probabilities: dict[int, torch.Tensor] = {}
@@ -164,8 +186,7 @@ class GateExitRule:
         return self._pooling
 
     def __call__(self, layer, hidden, rows, visual, padding):
-        cfg = self.gate.config
-        if layer < cfg.min_layer or layer >= cfg.num_layers - 1:
+        if layer not in self._asked:
             return None
         pooling = self._pooling_weights(rows, visual, padding)
         with torch.no_grad():

@@ -217,7 +217,9 @@ def test_out_of_range_values_are_refused_by_the_parser_naming_the_key(paths, tmp
 
 def test_a_gate_min_layer_the_model_cannot_use_leaves_no_folder(paths, tmp_path):
     config = write_config(paths, tmp_path, "minlayer")
-    with pytest.raises(ValueError, match=r"model.gate_min_layer=3 .* at most 2"):
+    with pytest.raises(
+        ValueError, match=r"model.gate_min_layer=3 .* model.gate_lag is 1, so it must be at most 1"
+    ):
         train_cli.main(["--config", str(config), "--model.gate_min_layer", "3"])
     assert not (tmp_path / "minlayer").exists()
 

@@ -1,69 +1,143 @@
-"""``vtw-train benchmark`` (or ``scripts/benchmark.py``): measured speedups of withdrawal next to the FLOPs model.
+"""``vtw-train benchmark``: wall-clock of every reduction strategy next to its FLOPs, on a real model's shape.
 
-The model is random and shaped like LLaVA-1.5 scaled down (default: 16 layers, hidden 1024,
-576 visual + 40 text tokens). Only the language model is timed: the image-token embeddings
-stand in for projected image features, since the vision tower's cost does not depend on K.
-All variants (unpatched, K = L, L/2, L/4) run interleaved in one loop and are compared by
-medians; the unpatched model is the same weights with the engine detached.
+A random model with a real model's decoder shape (``--preset llava15_7b``, built directly on the
+device in the chosen dtype: under a second for 7B on a GPU) is timed on ragged, left-padded
+prompts at each batch size. Every strategy runs in one interleaved loop and is compared by
+medians, with CUDA synchronised around each call. For each: prefill ms, measured speedup, the
+FLOPs speedup of what actually ran (``vtw_train.flops``, per sample), their ratio (efficiency),
+the KV-cache bytes after prefill, the peak memory (CUDA) and the time to generate
+``decode_tokens`` new tokens. Results go to stdout, ``benchmark.json`` and ``benchmark.md``.
+
+    vtw-train benchmark --preset llava15_7b --device cuda --dtype bfloat16 --batch_sizes [1,16,64]
+    vtw-train benchmark --config configs/benchmark/cpu.yaml          # CPU, scaled-down shape
+
+Only the language model is timed: the image positions hold the image token's embedding in place
+of projected features (the vision tower's cost does not depend on the strategy), and VisPruner's
+row is the stock model on T visual tokens, which is what VisPruner hands the language model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import json
+import math
+import random
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from ..config import parse_config
-from ..engine import FULL, Reduction, attach
-from ..flops import DecoderDims, ExitPlan, decode_flops_per_token, prefill_flops
-from ..timing import interleaved_medians
+from ..config import NonNegativeInt, PositiveInt, parse_config
+from ..engine import FULL, Reduction, attach, controller_of
+from ..evaluation.profiling import cache_bytes
+from ..flops import DecoderDims, flops_ratio, prefill_flops, token_counts
+from ..gate import ExitGate, GateConfig, GateExitRule
+from ..methods import FastV
 
 IMAGE_TOKEN_ID = 3
 
 
+@dataclass(frozen=True)
+class Shape:
+    """A decoder shape and a prompt layout."""
+
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    vocab_size: int
+    visual_tokens: int
+    prefix_tokens: int
+    question_tokens: tuple[int, int]
+
+
+#: Decoder shapes of real models (random weights) and the prompts they see.
+PRESETS: dict[str, Shape] = {
+    "llava15_7b": Shape(32, 4096, 11008, 32, 32, 32064, 576, 35, (8, 40)),
+    "llava15_13b": Shape(40, 5120, 13824, 40, 40, 32064, 576, 35, (8, 40)),
+    "llava_next_7b": Shape(32, 4096, 11008, 32, 32, 32064, 2880, 35, (8, 40)),
+    "qwen2_vl_7b": Shape(28, 3584, 18944, 28, 4, 152064, 1024, 20, (8, 40)),
+    "cpu_small": Shape(8, 256, 688, 8, 8, 1024, 144, 8, (4, 16)),
+}
+
+
 @dataclass
 class BenchmarkRun:
-    """A random LLaVA-shaped model and the prompt it is timed on."""
+    """A random model with a real model's shape, the batch sizes and the strategies to time."""
 
-    num_layers: int = 16
-    """Decoder depth."""
-    hidden_size: int = 1024
-    """Decoder width."""
-    intermediate_size: int = 2752
-    """Decoder MLP width."""
-    num_heads: int = 16
-    """Attention heads."""
-    num_kv_heads: int = 16
-    """Key/value heads (fewer than num_heads: grouped-query attention)."""
-    vocab_size: int = 32000
-    """Vocabulary size."""
-    visual_tokens: int = 576
-    """Visual tokens per prompt (LLaVA-1.5: 576)."""
-    text_tokens: int = 40
-    """Non-visual tokens per prompt."""
-    batch_size: int = 1
-    """Prompts per batch."""
-    decode_steps: int = 16
-    """Decode steps timed after each prefill."""
-    repeats: int = 7
-    """Interleaved timed rounds."""
-    threads: int = 0
-    """torch threads (0: torch's default)."""
+    preset: Literal["llava15_7b", "llava15_13b", "llava_next_7b", "qwen2_vl_7b", "cpu_small"] = "cpu_small"
+    """Decoder shape and prompt layout (the LLaVA-NeXT shape has 2,880 visual tokens; the Qwen2-VL one is
+    timed as a LLaVA-style decoder with its sizes)."""
+    num_layers: PositiveInt | None = None
+    """Override the preset's depth (a quick run on a smaller stack)."""
+    batch_sizes: list[PositiveInt] = field(default_factory=lambda: [1, 4])
+    """Batch sizes to time, each on its own ragged, left-padded prompts."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the model runs (auto: cuda when available)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights and activations dtype."""
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    """Attention backend."""
+    exit_layers: list[NonNegativeInt] = field(default_factory=list)
+    """VTW's K values to time (empty: L/2 and L/4)."""
+    fastv_layer: PositiveInt = 2
+    """FastV's layer K."""
+    fastv_keep_ratio: float = 0.5
+    """FastV's kept share of visual tokens."""
+    shortv_layers: NonNegativeInt | None = None
+    """ShortV's N (the last N layers frozen; default: 19/32 of the depth, ShortV's LLaVA-1.5-7B setting)."""
+    vispruner_tokens: PositiveInt = 64
+    """VisPruner's T: the language model then sees T visual tokens per image."""
+    gate_lag: NonNegativeInt = 1
+    """The gate's lag (a decision after layer l withdraws from l + 1 + lag)."""
+    gate_fire_rate: float = 0.3
+    """Share of (sample, layer) gate decisions that fire in the "gate fires" row (the gate's threshold is
+    set to give it on these prompts)."""
+    repeats: PositiveInt = 5
+    """Timed interleaved rounds for the prefill."""
+    warmup: NonNegativeInt = 1
+    """Untimed rounds first."""
+    decode_tokens: NonNegativeInt = 16
+    """New tokens per ``generate`` call timed (0: skip decode timing)."""
+    decode_repeats: PositiveInt = 3
+    """Timed interleaved rounds for ``generate``."""
+    threads: NonNegativeInt = 0
+    """CPU threads for torch (0: torch's default)."""
     seed: int = 0
-    """Seed of the random weights and prompts."""
+    """Seed of the weights, the prompts and the per-sample K mix."""
+    output_dir: str = "outputs/benchmark"
+    """Where benchmark.json and benchmark.md are written."""
+
+    def shape(self) -> Shape:
+        shape = PRESETS[self.preset]
+        if self.num_layers is not None:
+            shape = Shape(**{**asdict(shape), "num_layers": self.num_layers})
+        return shape
 
 
-def build_model(run: BenchmarkRun) -> LlavaForConditionalGeneration:
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda was requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def build_model(shape: Shape, device: torch.device, dtype: torch.dtype, attn: str, seed: int):
+    """A random LLaVA with ``shape``'s decoder, created on ``device`` in ``dtype`` (no CPU copy, no init pass)."""
     text = LlamaConfig(
-        hidden_size=run.hidden_size,
-        intermediate_size=run.intermediate_size,
-        num_hidden_layers=run.num_layers,
-        num_attention_heads=run.num_heads,
-        num_key_value_heads=run.num_kv_heads,
-        vocab_size=run.vocab_size,
-        max_position_embeddings=4096,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_kv_heads,
+        vocab_size=shape.vocab_size,
+        max_position_embeddings=8192,
     )
     vision = CLIPVisionConfig(
         hidden_size=32,
@@ -74,157 +148,286 @@ def build_model(run: BenchmarkRun) -> LlavaForConditionalGeneration:
         patch_size=14,
     )
     config = LlavaConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN_ID)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(run.seed)
-    return LlavaForConditionalGeneration(config).eval()
+    config._attn_implementation = attn
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
 
 
-def prompt(run: BenchmarkRun) -> torch.Tensor:
-    """System prefix, then the image, then the question: the LLaVA-1.5 layout."""
-    gen = torch.Generator().manual_seed(run.seed)
-    prefix = 5
-    text = torch.randint(10, run.vocab_size, (run.batch_size, run.text_tokens), generator=gen)
-    image = torch.full((run.batch_size, run.visual_tokens), IMAGE_TOKEN_ID)
-    return torch.cat([text[:, :prefix], image, text[:, prefix:]], dim=1)
+def prompts(
+    shape: Shape, batch: int, visual: int, seed: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Left-padded ``prefix, image, question`` prompts with questions of random lengths (a real batch is ragged)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(batch):
+        question = rng.randint(*shape.question_tokens)
+        text = [rng.randrange(10, shape.vocab_size) for _ in range(shape.prefix_tokens + question)]
+        rows.append(text[: shape.prefix_tokens] + [IMAGE_TOKEN_ID] * visual + text[shape.prefix_tokens :])
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(batch, width, dtype=torch.long)
+    mask = torch.zeros(batch, width, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, width - len(row) :] = torch.tensor(row)
+        mask[b, width - len(row) :] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
-def cache_bytes(cache) -> int:
-    return sum(
-        layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers if layer.keys is not None
-    )
+@dataclass
+class Row:
+    """One timed row: how to set the engine, and the prompts it runs on."""
+
+    name: str
+    reduction: Reduction | None  # None: the engine detached (the stock model)
+    inputs: dict[str, torch.Tensor]
+    exits: Callable[[], list[int | None]] | None = None  # per-sample exit layers of the last prefill
+    kept_visual: int | None = None  # VisPruner: the visual tokens the language model sees
 
 
-def engine_bookkeeping_seconds(model, ids: torch.Tensor, calls: int = 200) -> float:
-    """What the engine adds before handing a K = L prefill to the stock forward, timed directly.
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
-    Whole-forward timings on a shared CPU move by more than the 2% budget; this isolates the
-    engine's own work (finding the visual positions and deciding that nothing is withdrawn).
-    """
-    import time
 
+def _medians(fns: dict[str, Callable[[], None]], setups: dict[str, Callable[[], None]], repeats: int, warmup: int,
+             device: torch.device) -> dict[str, float]:  # fmt: skip
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for round_idx in range(warmup + repeats):
+        for name, fn in fns.items():
+            setups[name]()
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            if round_idx >= warmup:
+                samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def strategies_for(run: BenchmarkRun, model, shape: Shape, batch: int, device: torch.device) -> list[Row]:
+    L = shape.num_layers
+    base = prompts(shape, batch, shape.visual_tokens, run.seed + batch, device)
     controller = attach(model)
-    with controller.using(exit_layer=controller.num_layers):
-        start = time.perf_counter()
-        for _ in range(calls):
-            visual = controller.visual_positions(ids)
-            bool(visual.any()) and controller.exit_layer >= controller.num_layers
-        return (time.perf_counter() - start) / calls
+
+    def recorded() -> list[int | None]:
+        return [None if k >= L else k for k in controller_of(model).last_exit_layers.tolist()]
+
+    out = [
+        Row("stock", None, base),
+        Row("stock again (noise)", None, base),
+        Row("engine, K = L", Reduction(exit_layer=L), base),
+    ]
+    torch.manual_seed(run.seed)
+    gate = ExitGate(
+        GateConfig(hidden_size=shape.hidden_size, num_layers=L, width=128, min_layer=0, lag=run.gate_lag)
+    )
+    gate = gate.to(device=device, dtype=model.dtype).eval()
+    never = GateExitRule(gate, tau=1.0)
+    out.append(Row("gate asked, never fires", Reduction(exit_rule=never), base, recorded))
+    probe = GateExitRule(gate, tau=1.0)
+    with torch.no_grad(), controller.using(exit_rule=probe):
+        model.model(**base, use_cache=False)
+    p = torch.cat([v.float().flatten() for v in probe.last_probabilities.values()])
+    tau = float(torch.quantile(p, 1 - run.gate_fire_rate)) if p.numel() else 1.0
+    out.append(
+        Row(
+            f"gate fires ({run.gate_fire_rate:.0%} of decisions)",
+            Reduction(exit_rule=GateExitRule(gate, tau=tau)),
+            base,
+            recorded,
+        )
+    )
+    for k in run.exit_layers or [L // 2, L // 4]:
+        out.append(Row(f"VTW K = {k}", Reduction(exit_layer=k), base, recorded))
+    rng = random.Random(run.seed)
+    mix = torch.tensor([rng.randint(max(1, L // 8), L) for _ in range(batch)])
+    out.append(
+        Row(f"K per sample (mean {float(mix.float().mean()):.1f})", Reduction(exit_layer=mix), base, recorded)
+    )
+    out.append(Row(f"FastV K = {run.fastv_layer} keep {run.fastv_keep_ratio:g}",
+                        Reduction(pruning=FastV(run.fastv_layer, run.fastv_keep_ratio)), base))  # fmt: skip
+    n = run.shortv_layers if run.shortv_layers is not None else round(L * 19 / 32)
+    out.append(Row(f"ShortV N = {n}", Reduction(frozen_layers=set(range(L - n, L))), base))
+    pruned = prompts(shape, batch, min(run.vispruner_tokens, shape.visual_tokens), run.seed + batch, device)
+    out.append(Row(f"VisPruner T = {run.vispruner_tokens} (LM on T tokens)", None, pruned,
+                        kept_visual=min(run.vispruner_tokens, shape.visual_tokens)))  # fmt: skip
+    return out
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
-    run = parse_config(BenchmarkRun, argv, "benchmark.py", __doc__ or "")
+def flops_speedup(model, strategy: Row, visual_total: int) -> float:
+    """Full-model prefill FLOPs over this strategy's, summed over the batch (each sample at its own length)."""
+    dims = DecoderDims.from_config(model.config)
+    ids, mask = strategy.inputs["input_ids"], strategy.inputs["attention_mask"]
+    n_text, n_visual = token_counts(ids == IMAGE_TOKEN_ID, mask)
+    exits = strategy.exits() if strategy.exits is not None else [None] * len(n_text)
+    reduction = strategy.reduction or FULL
+    full = ratio_sum = 0.0
+    for t, v, k in zip(n_text, n_visual, exits, strict=True):
+        visual = visual_total if strategy.kept_visual is not None else v
+        plan = reduction.flops_plan(n_visual=visual, kept_visual=strategy.kept_visual, exit_layer=k)
+        full_t = prefill_flops(dims, t, visual)
+        full += full_t
+        ratio_sum += full_t * flops_ratio(dims, t, visual, plan)
+    return full / ratio_sum
+
+
+def bench_batch(
+    run: BenchmarkRun, model, shape: Shape, batch: int, device: torch.device
+) -> list[dict[str, Any]]:
+    controller = attach(model)
+    rows = strategies_for(run, model, shape, batch, device)
+    state: dict[str, Any] = {}
+
+    def setup(s: Row) -> Callable[[], None]:
+        def apply() -> None:
+            attach(model).reduction = s.reduction if s.reduction is not None else FULL
+            if s.reduction is None:
+                attach(model).detach()
+
+        return apply
+
+    def prefill(s: Row) -> Callable[[], None]:
+        def go() -> None:
+            with torch.no_grad():
+                state["out"] = model.model(**s.inputs, use_cache=True)
+
+        return go
+
+    def generate(s: Row) -> Callable[[], None]:
+        def go() -> None:
+            with torch.no_grad():
+                model.generate(**s.inputs, max_new_tokens=run.decode_tokens, min_new_tokens=run.decode_tokens,
+                               do_sample=False, pad_token_id=0, suppress_tokens=[IMAGE_TOKEN_ID])  # fmt: skip
+
+        return go
+
+    setups = {s.name: setup(s) for s in rows}
+    results = []
+    exits_seen: dict[str, list[int | None]] = {}
+    for s in rows:  # one untimed pass each: cache size, peak memory, the exits the FLOPs are computed from
+        setups[s.name]()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        base_memory = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        prefill(s)()
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated(device) - base_memory if device.type == "cuda" else None
+        kv = cache_bytes(state.pop("out").past_key_values)
+        if s.exits is not None:
+            exits_seen[s.name] = s.exits()
+        speed = flops_speedup(
+            model,
+            Row(
+                s.name,
+                s.reduction,
+                s.inputs,
+                (lambda n=s.name: exits_seen[n]) if s.exits else None,
+                s.kept_visual,
+            ),
+            shape.visual_tokens,
+        )
+        results.append(
+            {
+                "strategy": s.name,
+                "batch": batch,
+                "kv_bytes": kv,
+                "peak_prefill_bytes": peak,
+                "flops_speedup": speed,
+            }
+        )
+    times = _medians({s.name: prefill(s) for s in rows}, setups, run.repeats, run.warmup, device)
+    decode = {}
+    if run.decode_tokens:
+        decode = _medians({s.name: generate(s) for s in rows}, setups, run.decode_repeats, 1, device)
+    state.clear()
+    attach(model).reduction = FULL
+    stock = times["stock"]
+    for r in results:
+        r["prefill_ms"] = times[r["strategy"]] * 1e3
+        r["speedup"] = stock / times[r["strategy"]]
+        r["efficiency"] = r["speedup"] / r["flops_speedup"]
+        if decode:
+            r["generate_s"] = decode[r["strategy"]]
+            r["generate_speedup"] = decode["stock"] / decode[r["strategy"]]
+    controller.reduction = FULL
+    return results
+
+
+COLUMNS = (
+    "strategy",
+    "prefill ms",
+    "speedup",
+    "FLOPs speedup",
+    "efficiency",
+    "KV MiB",
+    "peak MiB",
+    "generate s",
+    "gen. speedup",
+)
+
+
+def _row(r: dict[str, Any]) -> list[str]:
+    def num(value: Any, fmt: str) -> str:
+        return "" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
+
+    peak = None if r["peak_prefill_bytes"] is None else r["peak_prefill_bytes"] / 2**20
+    return [r["strategy"], num(r["prefill_ms"], ".1f"), num(r["speedup"], ".2f") + "x", num(r["flops_speedup"], ".2f") + "x",
+            num(r["efficiency"], ".2f"), num(r["kv_bytes"] / 2**20, ".1f"), num(peak, ".0f"),
+            num(r.get("generate_s"), ".3f"), num(r.get("generate_speedup"), ".2f") + ("x" if "generate_speedup" in r else "")]  # fmt: skip
+
+
+def markdown(results: list[dict[str, Any]], header: str) -> str:
+    lines = [header, ""]
+    for batch in sorted({r["batch"] for r in results}):
+        lines += [f"### batch {batch}", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        lines += ["| " + " | ".join(_row(r)) + " |" for r in results if r["batch"] == batch]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    run = parse_config(BenchmarkRun, argv, "vtw-train benchmark", __doc__ or "")
     if run.threads:
         torch.set_num_threads(run.threads)
-    model = build_model(run)
-    ids = prompt(run)
-    num_layers = run.num_layers
-    exits = {
-        "K=L (engine on)": num_layers,
-        f"K=L/2={num_layers // 2}": num_layers // 2,
-        f"K=L/4={num_layers // 4}": num_layers // 4,
-    }
-    controller = attach(model)
-    state: dict[str, object] = {}
-
-    def configure(name: str):
-        def setup() -> None:
-            nonlocal controller
-            if name in ("unpatched", "unpatched (A/A)"):
-                controller.detach()
-            else:
-                controller = attach(model)
-                controller.reduction = Reduction(exit_layer=exits[name])
-
-        return setup
-
-    def prefill() -> None:
-        with torch.no_grad():
-            state["out"] = model.model(input_ids=ids, use_cache=True)
-
-    def decode_setup(name: str):
-        base = configure(name)
-
-        def setup() -> None:
-            base()
-            prefill()
-
-        return setup
-
-    def decode() -> None:
-        cache = state["out"].past_key_values
-        token = ids[:, -1:]
-        with torch.no_grad():
-            for _ in range(run.decode_steps):
-                out = model.model(input_ids=token, past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
-
-    # "unpatched (A/A)" times the very same thing as "unpatched": its ratio is the run's noise floor.
-    names = ["unpatched", "unpatched (A/A)", *exits]
-    prefill_times = interleaved_medians(
-        {n: prefill for n in names}, run.repeats, setup={n: configure(n) for n in names}
-    )
-    decode_times = interleaved_medians(
-        {n: decode for n in names}, max(3, run.repeats // 2), setup={n: decode_setup(n) for n in names}
-    )
-    kv = {}
-    for n in names:
-        configure(n)()
-        prefill()
-        kv[n] = cache_bytes(state["out"].past_key_values)
-    controller = attach(model)
-    controller.reduction = FULL
-
-    dims = DecoderDims.from_config(model.config)
-    n_text, n_vis = run.text_tokens, run.visual_tokens
-    base = "unpatched"
-    results: dict[str, dict[str, float]] = {}
-    print(
-        f"LLaVA-shaped random model: {num_layers} layers, hidden {run.hidden_size}, {n_vis} visual + {n_text} "
-        f"text tokens, batch {run.batch_size}, {torch.get_num_threads()} threads; medians of {run.repeats} "
-        "interleaved runs"
-    )
+    if not 0.0 < run.gate_fire_rate < 1.0:
+        raise ValueError(f"gate_fire_rate must be in (0, 1), got {run.gate_fire_rate}")
+    device = resolve_device(run.device)
+    dtype = getattr(torch, run.dtype)
+    shape = run.shape()
+    started = time.perf_counter()
+    model = build_model(shape, device, dtype, run.attn_implementation, run.seed)
+    built = time.perf_counter() - started
     header = (
-        f"{'variant':<18}{'prefill ms':>11}{'speedup':>9}{'FLOPs':>8}{'ratio':>7}"
-        f"{'decode ms/tok':>15}{'speedup':>9}{'FLOPs':>8}{'KV MiB':>8}"
+        f"Random LLaVA with the `{run.preset}` decoder ({shape.num_layers} x {shape.hidden_size}, MLP "
+        f"{shape.intermediate_size}, {shape.num_heads} heads), {shape.visual_tokens} visual + {shape.prefix_tokens} prefix + "
+        f"{shape.question_tokens[0]}-{shape.question_tokens[1]} question tokens, left-padded; {device} "
+        f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else ''} {run.dtype}, {run.attn_implementation}; "
+        f"medians of {run.repeats} interleaved prefills (and {run.decode_repeats} generate calls of "
+        f"{run.decode_tokens} tokens); built in {built:.1f} s."
     )
     print(header)
-    for n in names:
-        k = exits.get(n, num_layers)
-        plan = ExitPlan(exit_layer=k)
-        flops_prefill = prefill_flops(dims, n_text, n_vis) / prefill_flops(dims, n_text, n_vis, plan)
-        flops_decode = decode_flops_per_token(dims, n_text, n_vis) / decode_flops_per_token(
-            dims, n_text, n_vis, plan
-        )
-        measured = prefill_times[base] / prefill_times[n]
-        dec = decode_times[base] / decode_times[n]
-        results[n] = {
-            "prefill_s": prefill_times[n],
-            "prefill_speedup": measured,
-            "flops_speedup": flops_prefill,
-            "decode_s_per_token": decode_times[n] / run.decode_steps,
-            "decode_speedup": dec,
-            "decode_flops_speedup": flops_decode,
-            "kv_bytes": kv[n],
-        }
-        print(
-            f"{n:<18}{prefill_times[n] * 1e3:>11.1f}{measured:>8.2f}x{flops_prefill:>7.2f}x"
-            f"{measured / flops_prefill:>7.2f}{decode_times[n] / run.decode_steps * 1e3:>15.2f}{dec:>8.2f}x"
-            f"{flops_decode:>7.2f}x{kv[n] / 2**20:>8.1f}"
-        )
-    half = results[f"K=L/2={num_layers // 2}"]
-    overhead = prefill_times["K=L (engine on)"] / prefill_times[base] - 1
-    noise = prefill_times["unpatched (A/A)"] / prefill_times[base] - 1
-    print(
-        f"prefill speedup at K=L/2 is {half['prefill_speedup'] / half['flops_speedup']:.2f} of the FLOPs speedup "
-        "(target >= 0.90)"
+    results: list[dict[str, Any]] = []
+    for batch in run.batch_sizes:
+        rows = bench_batch(run, model, shape, batch, device)
+        results += rows
+        first = max(len(r["strategy"]) for r in rows)
+        print(f"\nbatch {batch}")
+        print(f"{COLUMNS[0]:<{first}}" + "".join(f"{c:>14}" for c in COLUMNS[1:]))
+        for r in rows:
+            cells = _row(r)
+            print(f"{cells[0]:<{first}}" + "".join(f"{c:>14}" for c in cells[1:]))
+    out = Path(run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmark.json").write_text(
+        json.dumps({"config": asdict(run), "header": header, "results": results}, indent=2) + "\n"
     )
-    print(
-        f"engine overhead at K=L: {overhead * 100:+.1f}% over the unpatched model (target < 2%); "
-        f"noise floor of this run (unpatched vs itself): {noise * 100:+.1f}%"
-    )
-    bookkeeping = engine_bookkeeping_seconds(model, ids)
-    print(
-        f"engine bookkeeping per prefill at K=L (visual mask + exit decision, then the stock forward): "
-        f"{bookkeeping * 1e6:.0f} us = {bookkeeping / prefill_times[base] * 100:.3f}% of the unpatched prefill"
-    )
+    (out / "benchmark.md").write_text(markdown(results, header) + "\n")
+    print(f"\nwritten: {out / 'benchmark.json'}, {out / 'benchmark.md'}")
     return results

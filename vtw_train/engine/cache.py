@@ -26,18 +26,26 @@ class ExitState:
     full_mask: torch.Tensor  # [B, S_full] long, padding mask of the full stream incl. generated tokens
     text_mask: torch.Tensor  # [B, S_text] long, padding mask of the text stream incl. generated tokens
     num_layers: int
+    host_exits: list[int] | None = None  # the same exit layers on the host (None: read them when needed)
     _layouts: list[str] | None = None
 
     def layouts(self) -> list[str]:
-        """Layout of every layer, computed once (the exit layers are fixed after prefill)."""
+        """Layout of every layer, computed once on the host (the exit layers are fixed after prefill)."""
         if self._layouts is None:
+            if self.host_exits is None:
+                self.host_exits = [
+                    int(k) for k in self.exit_layers.tolist()
+                ]  # one read, after a row selection
             self._layouts = [self.layout_of(layer) for layer in range(self.num_layers)]
         return self._layouts
 
     def layout_of(self, layer: int) -> str:
-        if bool((self.exit_layers > layer).all()):
+        exits = (
+            self.host_exits if self.host_exits is not None else [int(k) for k in self.exit_layers.tolist()]
+        )
+        if all(k > layer for k in exits):
             return FULL
-        if bool((self.exit_layers <= layer).all()):
+        if all(k <= layer for k in exits):
             return TEXT
         return MIXED
 
@@ -53,10 +61,14 @@ class ExitState:
         self.full_mask = torch.cat([self.full_mask, new_columns], dim=1)
         self.text_mask = torch.cat([self.text_mask, new_columns], dim=1)
 
-    def select_rows(self, index: torch.Tensor) -> ExitState:
+    def select_rows(self, index: torch.Tensor, same_exits: bool = False) -> ExitState:
+        """The state of the selected rows. ``same_exits``: the rows' exit layers are a permutation of
+        the old ones (beam reordering within each prompt), so every layer's layout is unchanged."""
+        keep = same_exits and self._layouts is not None
         return replace(
             self,
-            _layouts=None,
+            _layouts=self._layouts if keep else None,
+            host_exits=self.host_exits if keep else None,
             exit_layers=self.exit_layers[index],
             visual=self.visual[index],
             full_mask=self.full_mask[index],
@@ -112,7 +124,10 @@ class WithdrawalCache(DynamicCache):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
         if self.exit_state is not None:
-            self.exit_state = self.exit_state.select_rows(beam_idx.to(self.exit_state.exit_layers.device))
+            # Beams are reordered within each prompt, and a prompt's beams share its exit layer.
+            self.exit_state = self.exit_state.select_rows(
+                beam_idx.to(self.exit_state.exit_layers.device), same_exits=True
+            )
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
@@ -125,7 +140,7 @@ class WithdrawalCache(DynamicCache):
             index = torch.arange(
                 self.exit_state.exit_layers.shape[0], device=self.exit_state.exit_layers.device
             )
-            self.exit_state = self.exit_state.select_rows(index.repeat_interleave(repeats))
+            self.exit_state = self.exit_state.select_rows(index.repeat_interleave(repeats), same_exits=True)
 
     def crop(self, tokens_to_remove: int) -> None:
         # transformers 5.x only accepts a negative count here (the number of tokens to drop).

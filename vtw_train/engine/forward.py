@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function, create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ..errors import WithdrawalError
@@ -73,13 +73,18 @@ class _CaptureKV:
 
 @dataclass
 class _Group:
-    """Samples that share a stream at the current layer, in ascending row order."""
+    """Samples that share a stream at the current layer.
 
-    rows: torch.Tensor  # [n] long
-    hidden: torch.Tensor  # [n, T or T_text, D]
+    ``rows`` (host list) and ``index`` (the same rows on the device) name them; the engine decides
+    which samples move from host-side knowledge only, so no per-layer device read is needed.
+    """
+
+    rows: list[int]
+    index: torch.Tensor  # [n] long, on the device
+    hidden: torch.Tensor  # [n, T or width, D]
 
     def __len__(self) -> int:
-        return int(self.rows.numel())
+        return len(self.rows)
 
 
 def _expand_batch(tensor: torch.Tensor, batch: int) -> torch.Tensor:
@@ -97,6 +102,88 @@ def _scatter_kv(text_kv: torch.Tensor, layout: TextLayout, rows: torch.Tensor) -
     return buffer.scatter(2, index, text_kv)[:, :, :t]
 
 
+def _device_index(values: list[int], device: torch.device) -> torch.Tensor:
+    """A small host list as a device index, copied without draining the device's queue."""
+    host = torch.tensor(values, dtype=torch.long)
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+@dataclass
+class _Plan:
+    """What one prefill knows on the host, read from the device once (one host sync for the whole call).
+
+    ``n_text[b]``: real non-visual tokens of row b; ``n_visual[b]``: its visual tokens;
+    ``exits[b]``: its exit layer K (``num_layers``: never).
+    """
+
+    n_text: list[int]
+    n_visual: list[int]
+    exits: list[int]
+
+    @classmethod
+    def read(cls, visual: torch.Tensor, padding: torch.Tensor | None, exits: torch.Tensor | int) -> _Plan:
+        real = visual.new_ones(visual.shape) if padding is None else padding.bool()
+        batch = visual.shape[0]
+        columns = [(~visual & real).sum(1), (visual & real).sum(1)]
+        if isinstance(exits, torch.Tensor):
+            columns.append(exits.to(visual.device))
+        n_text, n_visual, *rest = torch.stack(columns).tolist()  # the one host sync
+        return cls(n_text, n_visual, rest[0] if rest else [int(exits)] * batch)
+
+    def width(self, rows: list[int], kept: list[int] | None = None) -> int:
+        """Text slots the rows need (their longest text, plus kept visual tokens after FastV)."""
+        extra = kept or [0] * len(self.n_text)
+        return max((self.n_text[r] + extra[r] for r in rows), default=0)
+
+
+class _LaggedDecisions:
+    """Exit decisions read ``lag`` layers after they were made, so reading them never drains the device.
+
+    A decision made after layer l applies from layer l + 1 + lag. With ``lag`` 0 it is read at
+    once (a host sync per asked layer); with ``lag`` >= 1 the device has the next layers queued
+    when the host waits for it, so the launch pipeline keeps running.
+    """
+
+    def __init__(self, lag: int) -> None:
+        self.lag = lag
+        self._pending: list[tuple[int, list[int], Any, Any]] = []
+
+    def add(self, layer: int, rows: list[int], fire: torch.Tensor) -> None:
+        host, event = fire, None
+        if fire.device.type == "cuda":
+            host = torch.empty(fire.shape, dtype=fire.dtype, pin_memory=True)
+            host.copy_(fire, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        self._pending.append((layer, rows, host, event))
+
+    def due(self, layer_idx: int) -> list[int]:
+        """Rows whose decision applies from ``layer_idx`` on (decisions made at layer_idx - 1 - lag or before)."""
+        fired: list[int] = []
+        keep = []
+        for item in self._pending:
+            made, rows, host, event = item
+            if made + 1 + self.lag > layer_idx:
+                keep.append(item)
+                continue
+            if self.lag == 0:  # read at once: the host waits for the whole queue (a drain on a GPU)
+                values = host.tolist()
+            else:
+                if event is not None:
+                    event.synchronize()  # the device has the next layers queued: no drain
+                values = _read(host)
+            fired += [row for row, f in zip(rows, values, strict=True) if f]
+        self._pending = keep
+        return fired
+
+
+def _read(host: torch.Tensor) -> list[bool]:
+    """A host-side (or CPU) tensor's values; the only place the engine reads decisions."""
+    return host.tolist()
+
+
 @dataclass
 class _Prefill:
     """What every layer of one prefill needs, fixed for the call (the reduced layout may be reset once, by FastV)."""
@@ -111,16 +198,32 @@ class _Prefill:
     use_cache: bool
     kwargs: dict[str, Any]
     frozen: frozenset[int]
+    plan: _Plan
+    visual_layout: TextLayout | None = None
     dropped: torch.Tensor | None = None
+    kept: list[int] | None = None
     layout: TextLayout | None = None
     text_cos: torch.Tensor | None = None
     text_sin: torch.Tensor | None = None
     text_masks: _TextMasks | None = None
 
-    def set_dropped(self, owner: WithdrawalForward, dropped: torch.Tensor, like: torch.Tensor) -> None:
-        """The tokens the reduced stream leaves out: every visual token (VTW) or FastV's pruned ones."""
+    def set_dropped(
+        self,
+        owner: WithdrawalForward,
+        dropped: torch.Tensor,
+        like: torch.Tensor,
+        kept: list[int] | None = None,
+    ) -> None:
+        """The tokens the reduced stream leaves out: every visual token (VTW) or FastV's pruned ones.
+
+        ``kept[b]``: visual tokens row b keeps in the reduced stream (FastV), so its width is known.
+        """
         self.dropped = dropped
-        self.layout = build_text_layout(dropped, self.padding)
+        self.kept = kept
+        width = self.plan.width(list(range(self.batch)), kept)
+        self.layout = build_text_layout(dropped, self.padding, text_length=width)
+        if kept is None:
+            self.visual_layout = self.layout
         self.text_cos, self.text_sin = self.layout.gather(self.cos), self.layout.gather(self.sin)
         self.text_masks = _TextMasks(owner, self.layout, like)
 
@@ -132,15 +235,18 @@ class _TextMasks:
         self.owner, self.layout, self.like = owner, layout, like
         self._last: tuple = (None, -1, None)
 
-    def for_rows(self, rows: torch.Tensor, width: int):
-        # The group's row tensor is the same object until samples move, so identity is the key:
-        # no per-layer rows.tolist() (a device sync on GPU).
+    def for_rows(self, rows: torch.Tensor, width: int, padded: bool):
+        """The mask of the group ``rows`` at ``width``; ``padded`` (known on the host) says whether any of
+        its rows is shorter than ``width``. Transformers' mask builder would read that from the device."""
+        # The group's row tensor is the same object until samples move, so identity is the key.
         last_rows, last_width, mask = self._last
         if rows is not last_rows or width != last_width:
-            _, valid = self.layout.rows_index(rows, width)
             like = self.like.new_empty((len(rows), width, 0))
-            # No cache here: at prefill every layer's cache is empty, so the 2-D mask alone sizes it.
-            mask = self.owner._mask(like, valid.long(), None, None, 0)
+            if padded:
+                _, valid = self.layout.rows_index(rows, width)
+                mask = self.owner._padded_mask(like, valid)
+            else:  # no padding: plain causal (no mask for SDPA), as the stock builder would decide
+                mask = self.owner._mask(like, None, None, None, 0)
             self._last = (rows, width, mask)
         return mask
 
@@ -177,26 +283,31 @@ class WithdrawalForward:
         if isinstance(past_key_values, WithdrawalCache) and past_key_values.exit_state is not None:
             return self._decode(**call)
         prefill = past_key_values is None or past_key_values.get_seq_length() == 0
-        if not prefill or visual is None or not bool(visual.any()):
-            return self.original(**call)
         controller = self.controller
         reduction = controller.reduction
-        exits = controller.resolve_exit_layers(visual.shape[0], visual.device)
+        if not prefill or visual is None or reduction.is_full:
+            if prefill and visual is not None:
+                controller.record_exits(None)
+            return self.original(**call)
+        batch = visual.shape[0]
         pruning = reduction.pruning
         if pruning is not None:
-            exits = torch.full((visual.shape[0],), pruning.layer, dtype=torch.long, device=visual.device)
-        reduces = exits is not None and (
-            reduction.exit_rule is not None or bool((exits < controller.num_layers).any())
+            exits: torch.Tensor | int = pruning.layer
+        elif isinstance(reduction.exit_layer, torch.Tensor):
+            exits = controller.resolve_exit_layers(batch, visual.device)
+        else:
+            exits = controller.num_layers if reduction.exit_layer is None else reduction.exit_layer
+        plan = _Plan.read(visual, attention_mask if isinstance(attention_mask, torch.Tensor) else None, exits)
+        recorded = (
+            None if pruning is not None else torch.tensor(plan.exits).to(visual.device, non_blocking=True)
         )
-        if not reduces and not reduction.frozen_layers:
-            # Nothing is withdrawn (K = L for everyone): the stock forward, but each sample's K is on record.
-            controller.record_exits(None if pruning is not None else exits)
+        reduces = reduction.exit_rule is not None or reduction.frozen_layers or pruning is not None
+        reduces = reduces or any(k < controller.num_layers for k in plan.exits)
+        if not any(plan.n_visual) or not reduces:
+            # Nothing is withdrawn (no visual token, or K = L for everyone): the stock forward, each K on record.
+            controller.record_exits(recorded if any(plan.n_visual) else None)
             return self.original(**call)
-        if exits is None:
-            exits = torch.full(
-                (visual.shape[0],), controller.num_layers, dtype=torch.long, device=visual.device
-            )
-        return self._prefill(visual=visual, exits=exits, reduction=reduction, **call)
+        return self._prefill(visual=visual, plan=plan, reduction=reduction, **call)
 
     # ------------------------------------------------------------------ shared helpers
     def _check_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -240,6 +351,26 @@ class WithdrawalForward:
             layer_idx=layer,
         )
 
+    def _padded_mask(self, like: torch.Tensor, valid: torch.Tensor):
+        """Causal mask over a left-padded group, built without the builder's device-reading shortcuts."""
+        implementation = self.lm.config._attn_implementation
+        if implementation not in ALL_MASK_ATTENTION_FUNCTIONS:
+            return self._mask(like, valid.long(), None, None, 0)
+        batch, width = like.shape[:2]
+        return ALL_MASK_ATTENTION_FUNCTIONS[implementation](
+            batch_size=batch,
+            q_length=width,
+            kv_length=width,
+            q_offset=0,
+            kv_offset=0,
+            mask_function=causal_mask_function,
+            attention_mask=valid,
+            allow_is_causal_skip=False,
+            dtype=like.dtype,
+            device=like.device,
+            config=self.lm.config,
+        )
+
     def _run_layer(self, layer_idx, hidden, mask, cos, sin, positions, cache, use_cache, kwargs):
         return self.lm.layers[layer_idx](
             hidden,
@@ -256,7 +387,7 @@ class WithdrawalForward:
         self,
         *,
         visual: torch.Tensor,
-        exits: torch.Tensor,
+        plan: _Plan,
         reduction: Reduction,
         input_ids,
         attention_mask,
@@ -278,11 +409,13 @@ class WithdrawalForward:
         if inputs_embeds is None:
             inputs_embeds = self.lm.embed_tokens(input_ids)
         batch, length = inputs_embeds.shape[:2]
+        device = inputs_embeds.device
         if visual.shape != (batch, length):
             raise WithdrawalError(
                 f"Visual mask shape {tuple(visual.shape)} does not match the decoder input {(batch, length)}."
             )
         controller = self.controller
+        num_layers = controller.num_layers
         use_cache = self._resolve_use_cache(use_cache)
         cache = None
         if use_cache:
@@ -292,7 +425,7 @@ class WithdrawalForward:
 
         adapter = controller.adapter
         if position_ids is None:
-            positions = adapter.default_positions(0, length, batch, inputs_embeds.device)
+            positions = adapter.default_positions(0, length, batch, device)
         else:
             positions = adapter.split_positions(position_ids)
         cos, sin = self._rotary(inputs_embeds, positions.rope, batch)
@@ -307,39 +440,57 @@ class WithdrawalForward:
             use_cache=use_cache,
             kwargs=kwargs,
             frozen=reduction.frozen_layers,
+            plan=plan,
         )
         ctx.set_dropped(self, visual, inputs_embeds)
 
-        exits = exits.clone()
-        everyone = torch.arange(batch, device=inputs_embeds.device)
-        starts_full = exits > 0
-        full = _Group(everyone[starts_full], inputs_embeds[starts_full])
-        text_rows = everyone[~starts_full]
-        text = _Group(
-            text_rows, ctx.layout.gather(inputs_embeds[~starts_full], text_rows, ctx.layout.width(text_rows))
-        )
+        exits = list(plan.exits)
+        # Rows are grouped on the host: the full group (still reading visual tokens) and the text
+        # group (withdrawn). Samples move from the first to the second before their exit layer.
+        everyone = list(range(batch))
+        full_rows = [r for r in everyone if exits[r] > 0]
+        text_rows = [r for r in everyone if exits[r] <= 0]
+        full = _Group(full_rows, self._index(full_rows, batch, device), inputs_embeds)
+        if text_rows:
+            full.hidden = inputs_embeds.index_select(0, full.index)
+            index = self._index(text_rows, batch, device)
+            width = plan.width(text_rows)
+            text = _Group(
+                text_rows, index, ctx.layout.gather(inputs_embeds.index_select(0, index), index, width)
+            )
+        else:
+            text = _Group([], torch.empty(0, dtype=torch.long, device=device), inputs_embeds[:0])
         dynamic = reduction.exit_rule
+        decisions = _LaggedDecisions(int(getattr(dynamic, "lag", 0))) if dynamic is not None else None
         fastv = reduction.pruning
         previous_input = None
 
-        for layer_idx in range(controller.num_layers):
+        for layer_idx in range(num_layers):
             if fastv is not None and layer_idx == fastv.layer:
                 # Every row moves now; FastV's chosen visual tokens stay in the reduced stream.
                 keep = fastv.select(
-                    self.lm.layers[layer_idx - 1], previous_input, cos, sin, visual, attention_mask
+                    self.lm.layers[layer_idx - 1],
+                    previous_input,
+                    cos,
+                    sin,
+                    visual,
+                    attention_mask,
+                    plan.n_visual,
                 )
-                ctx.set_dropped(self, visual & ~keep, inputs_embeds)
+                kept = [fastv.kept_count(n) for n in plan.n_visual]
+                ctx.set_dropped(self, visual & ~keep, inputs_embeds, kept)
             if fastv is not None and layer_idx == fastv.layer - 1:
                 previous_input = full.hidden
-            if dynamic is not None and layer_idx > 0 and len(full):
-                fire = dynamic(layer_idx - 1, full.hidden, full.rows, visual, attention_mask)
+            if decisions is not None and layer_idx > 0 and len(full):
+                fire = dynamic(layer_idx - 1, full.hidden, full.index, visual, attention_mask)
                 if fire is not None:
-                    exits[full.rows[fire]] = torch.minimum(
-                        exits[full.rows[fire]], exits.new_tensor(layer_idx)
-                    )
-            moving = exits[full.rows] <= layer_idx
-            if bool(moving.any()):
-                full, text = self._move(full, text, moving, ctx.layout)
+                    decisions.add(layer_idx - 1, full.rows, fire)
+            if decisions is not None:
+                for row in decisions.due(layer_idx):
+                    exits[row] = min(exits[row], layer_idx)
+            moving = [r for r in full.rows if exits[r] <= layer_idx]
+            if moving:
+                full, text = self._move(full, text, moving, ctx)
 
             if not len(text) or not len(full):
                 group, is_full = (full, True) if len(full) else (text, False)
@@ -353,12 +504,13 @@ class WithdrawalForward:
 
         hidden = inputs_embeds.new_zeros(inputs_embeds.shape)
         if len(full):
-            hidden = hidden.index_copy(0, full.rows, full.hidden)
+            hidden = hidden.index_copy(0, full.index, full.hidden)
         if len(text):
-            hidden = ctx.layout.scatter(text.hidden, hidden, text.rows)
+            hidden = ctx.layout.scatter(text.hidden, hidden, text.index)
         hidden = self.lm.norm(hidden)
 
-        controller.record_exits(None if fastv is not None else exits)  # FastV prunes, it does not exit
+        exit_tensor = torch.tensor(exits).to(device, non_blocking=True)
+        controller.record_exits(None if fastv is not None else exit_tensor)  # FastV prunes, it does not exit
         if cache is not None:
             padding = (
                 attention_mask.long()
@@ -366,33 +518,62 @@ class WithdrawalForward:
                 else visual.new_ones(visual.shape, dtype=torch.long)
             )
             cache.exit_state = ExitState(
-                exit_layers=exits,
+                exit_layers=exit_tensor,
                 visual=ctx.dropped,
                 full_mask=padding,
                 text_mask=ctx.layout.valid.long(),
-                num_layers=controller.num_layers,
+                num_layers=num_layers,
+                host_exits=exits,
             )
         return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache)
 
-    def _move(
-        self, full: _Group, text: _Group, moving: torch.Tensor, layout: TextLayout
-    ) -> tuple[_Group, _Group]:
-        """Withdraw the visual tokens of the ``moving`` rows of the full group."""
-        rows = full.rows[moving]
-        joined_rows = torch.cat([text.rows, rows])
-        width = layout.width(joined_rows)
+    @staticmethod
+    def _index(rows: list[int], batch: int, device: torch.device) -> torch.Tensor:
+        if rows == list(range(batch)):
+            return torch.arange(batch, device=device)
+        return _device_index(rows, device)
+
+    def _move(self, full: _Group, text: _Group, moving: list[int], ctx: _Prefill) -> tuple[_Group, _Group]:
+        """Withdraw the visual tokens of the ``moving`` rows of the full group (decided on the host)."""
+        device = full.hidden.device
+        moving_set = set(moving)
+        stay_pos = [i for i, r in enumerate(full.rows) if r not in moving_set]
+        move_pos = [i for i, r in enumerate(full.rows) if r in moving_set]
+        staying_rows = [full.rows[i] for i in stay_pos]
+        moved_rows = [full.rows[i] for i in move_pos]
+        moved_index = full.index.index_select(0, _device_index(move_pos, device))
+        joined_rows = moved_rows + text.rows
+        width = ctx.plan.width(joined_rows, ctx.kept)
+        arriving = ctx.layout.gather(
+            full.hidden.index_select(0, _device_index(move_pos, device)), moved_index, width
+        )
         staying = text.hidden
         if staying.shape[1] < width:  # newcomers have longer text: re-pad the group on the left
             staying = torch.nn.functional.pad(staying, (0, 0, width - staying.shape[1], 0))
-        joined = torch.cat([staying, layout.gather(full.hidden[moving], rows, width)])
-        order = torch.argsort(joined_rows)
-        return _Group(full.rows[~moving], full.hidden[~moving]), _Group(joined_rows[order], joined[order])
+        joined = torch.cat([arriving, staying]) if len(text) else arriving
+        joined_index = torch.cat([moved_index, text.index]) if len(text) else moved_index
+        # Keep the group in batch order: a layer that only this group runs writes its keys and values
+        # straight to the cache, whose rows are the batch's.
+        order = sorted(range(len(joined_rows)), key=joined_rows.__getitem__)
+        if order != list(range(len(joined_rows))):
+            perm = _device_index(order, device)
+            joined, joined_index = joined.index_select(0, perm), joined_index.index_select(0, perm)
+            joined_rows = [joined_rows[i] for i in order]
+        if stay_pos:
+            stay = _device_index(stay_pos, device)
+            new_full = _Group(
+                staying_rows, full.index.index_select(0, stay), full.hidden.index_select(0, stay)
+            )
+        else:
+            new_full = _Group([], full.index[:0], full.hidden[:0])
+        return new_full, _Group(joined_rows, joined_index, joined)
 
     def _run_group(self, layer_idx: int, group: _Group, is_full: bool, ctx: _Prefill, cache) -> torch.Tensor:
-        rows = group.rows
-        whole = len(rows) == ctx.batch
+        rows = group.index
+        whole = len(group) == ctx.batch and group.rows == list(range(ctx.batch))
         if is_full and layer_idx in ctx.frozen:
             padding = None if ctx.padding is None else ctx.padding[rows]
+            layout = ctx.visual_layout.select(rows, ctx.plan.width(group.rows))
             return frozen_layer_forward(
                 self.lm.layers[layer_idx],
                 layer_idx,
@@ -404,6 +585,7 @@ class WithdrawalForward:
                 self.lm.config,
                 cache,
                 ctx.kwargs,
+                layout=layout,
             )
         if is_full:
             mask = ctx.full_mask if whole or ctx.full_mask is None else ctx.full_mask[rows]
@@ -411,7 +593,9 @@ class WithdrawalForward:
             pos = ctx.full_positions if whole or ctx.full_positions is None else ctx.full_positions[rows]
         else:
             width = group.hidden.shape[1]
-            mask = ctx.text_masks.for_rows(rows, width)
+            extra = ctx.kept or [0] * ctx.batch
+            padded = any(ctx.plan.n_text[r] + extra[r] < width for r in group.rows)
+            mask = ctx.text_masks.for_rows(rows, width, padded)
             start = ctx.text_cos.shape[1] - width
             c, s = (
                 (ctx.text_cos, ctx.text_sin)
@@ -429,9 +613,9 @@ class WithdrawalForward:
         tensors = []
         for attr in ("keys", "values"):
             full_kv = getattr(captures[0], attr)
-            text_kv = _scatter_kv(getattr(captures[1], attr), layout, text.rows)
+            text_kv = _scatter_kv(getattr(captures[1], attr), layout, text.index)
             merged = full_kv.new_zeros((batch, *full_kv.shape[1:]))
-            merged = merged.index_copy(0, full.rows, full_kv).index_copy(0, text.rows, text_kv)
+            merged = merged.index_copy(0, full.index, full_kv).index_copy(0, text.index, text_kv)
             tensors.append(merged)
         cache.update(tensors[0], tensors[1], layer_idx)
 

@@ -15,7 +15,7 @@ from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from .attention import keys_values
-from .layout import build_text_layout
+from .layout import TextLayout, build_text_layout
 
 
 class _ReturnKV:
@@ -39,11 +39,14 @@ def frozen_layer_forward(
     config: Any,
     cache: Any,
     kwargs: dict[str, Any],
+    layout: TextLayout | None = None,
 ) -> torch.Tensor:
     """Run ``layer`` with visual tokens frozen; returns the full-stream output.
 
     ``hidden``/``visual``/``padding``/``cos``/``sin`` cover the rows of one group in the full
     layout. ``cache`` (the real cache or a capture) receives the keys/values of every token.
+    ``layout`` is those rows' text layout when the caller has it (building it reads the longest
+    text from the device, a host sync).
     """
     implementation = config._attn_implementation
     if implementation not in ("sdpa", "eager"):
@@ -54,7 +57,8 @@ def frozen_layer_forward(
     cos, sin = (t.expand(batch, *t.shape[1:]) if t.shape[0] == 1 else t for t in (cos, sin))
     normed = layer.input_layernorm(hidden)
     keys, values = keys_values(layer, normed, cos, sin)
-    layout = build_text_layout(visual, padding)
+    if layout is None:
+        layout = build_text_layout(visual, padding)
     text_hidden = layout.gather(hidden)
     text_cos, text_sin = layout.gather(cos), layout.gather(sin)
     query_pos = layout.index  # original positions of the text queries

@@ -30,9 +30,13 @@ class TextLayout:
     def length(self) -> int:
         return self.index.shape[1]
 
-    def width(self, rows: torch.Tensor) -> int:
-        """Text slots that ``rows`` need: their longest text (a group is padded to its own rows only)."""
-        return int(self.valid[rows].sum(dim=1).max()) if len(rows) else 0
+    def select(self, rows: torch.Tensor | None, width: int) -> TextLayout:
+        """The layout of ``rows`` only (all rows when None), cut to their last ``width`` slots."""
+        index, valid = self.index, self.valid
+        if rows is not None:
+            index, valid = index[rows], valid[rows]
+        start = self.length - width
+        return TextLayout(index=index[:, start:], valid=valid[:, start:], full_length=self.full_length)
 
     def rows_index(self, rows: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(index, valid)`` of ``rows``, cut to the last ``width`` slots (left padding keeps text at the right)."""
@@ -77,18 +81,22 @@ class TextLayout:
         return out
 
 
-def build_text_layout(visual: torch.Tensor, padding: torch.Tensor | None) -> TextLayout:
+def build_text_layout(
+    visual: torch.Tensor, padding: torch.Tensor | None, text_length: int | None = None
+) -> TextLayout:
     """Build the left-padded text layout from the visual mask and the 2-D padding mask.
 
-    ``visual``: ``[B, T]`` bool, True at visual positions. ``padding``: ``[B, T]`` with 1 at
-    real tokens, or None for no padding.
+    ``visual``: ``[B, T]`` bool, True at visual positions (the tokens left out). ``padding``:
+    ``[B, T]`` with 1 at real tokens, or None for no padding. ``text_length``: the longest row's
+    kept count, when the caller knows it (reading it from the device is a host sync).
     """
     batch, length = visual.shape
     keep = ~visual
     if padding is not None:
         keep = keep & padding.bool()
     counts = keep.sum(dim=1)
-    text_length = int(counts.max().item()) if batch else 0
+    if text_length is None:
+        text_length = int(counts.max().item()) if batch else 0
     # Stable sort puts kept positions last, in their original order: exactly left padding.
     order = torch.argsort(keep.to(torch.int8), dim=1, stable=True)
     index = order[:, length - text_length :] if text_length else order[:, :0]

@@ -53,8 +53,12 @@ class InLayerPruning(Protocol):
         sin: torch.Tensor,
         visual: torch.Tensor,
         padding: torch.Tensor | None,
+        visual_counts: list[int] | None = None,
     ) -> torch.Tensor:
-        """``[B, T]`` bool: visual positions to keep, from layer ``layer - 1``'s input ``hidden``."""
+        """``[B, T]`` bool: visual positions to keep, from layer ``layer - 1``'s input ``hidden``.
+
+        ``visual_counts``: each row's visual tokens, when the caller knows them (no host sync).
+        """
         ...
 
 

@@ -47,8 +47,13 @@ class FastV:
         sin: torch.Tensor,
         visual: torch.Tensor,
         padding: torch.Tensor | None,
+        visual_counts: list[int] | None = None,
     ) -> torch.Tensor:
-        """Visual positions to keep ``[B, T]`` bool, from layer K-1's input ``hidden``."""
+        """Visual positions to keep ``[B, T]`` bool, from layer K-1's input ``hidden``.
+
+        ``visual_counts``: each row's visual tokens when the caller knows them (counting them here
+        reads the device, a host sync per row).
+        """
         batch, length = visual.shape
         positions = torch.arange(length, device=visual.device).expand(batch, -1)
         real = torch.ones_like(visual) if padding is None else padding.bool()
@@ -57,9 +62,11 @@ class FastV:
         with torch.no_grad():
             row = query_attention_row(layer, hidden, cos, sin, last, key_mask)
         scores = row.masked_fill(~(visual & real), float("-inf"))
+        if visual_counts is None:
+            visual_counts = (visual & real).sum(1).tolist()
         keep = torch.zeros_like(visual)
         for b in range(batch):
-            k = self.kept_count(int((visual[b] & real[b]).sum()))
+            k = self.kept_count(int(visual_counts[b]))
             if k:
                 keep[b, scores[b].topk(k).indices] = True
         return keep

@@ -32,7 +32,9 @@ class GateDistillModule(L.LightningModule):
             embedded default.
         lora_target: regex of module names that get LoRA. Anchored on the decoder so the
             vision tower and projector never get adapters (docs/methods.md §14.4).
-        gate_min_layer / gate_tau / gate_width: see :class:`vtw_train.gate.GateConfig`.
+        gate_min_layer / gate_tau / gate_width / gate_lag / gate_ask_every: see
+            :class:`vtw_train.gate.GateConfig` (``gate_lag`` 1: a decision made after layer l withdraws
+            from l + 2, read while layer l + 1 runs, so the gate never stalls a GPU).
         policy: the exit policy the exported checkpoint loads with (``gate``, ``fixed`` or
             ``gate_capped``; see :func:`vtw_train.gate.policy_reduction`).
         kd_weight / gate_weight / cost_weight / temperature / kl_threshold / kd_exits / label_rule /
@@ -51,6 +53,8 @@ class GateDistillModule(L.LightningModule):
         gate_width: PositiveInt = 128,
         gate_tau: Probability = 0.5,
         gate_min_layer: NonNegativeInt = 1,
+        gate_lag: NonNegativeInt = 1,
+        gate_ask_every: PositiveInt = 1,
         policy: Policy = "gate",
         kd_weight: NonNegativeFloat = 1.0,
         gate_weight: NonNegativeFloat = 1.0,
@@ -114,10 +118,11 @@ class GateDistillModule(L.LightningModule):
         model = get_peft_model(base, lora)
         controller = attach(model)
         check_lora_placement(model, controller.language_model, key="model.lora_target")
-        if not hp.gate_min_layer < controller.num_layers - 1:
+        if not hp.gate_min_layer < controller.num_layers - 1 - hp.gate_lag:
             raise ValueError(
                 f"model.gate_min_layer={hp.gate_min_layer} leaves the gate nothing to decide: this model has "
-                f"{controller.num_layers} decoder layers, so it must be at most {controller.num_layers - 2}."
+                f"{controller.num_layers} decoder layers and model.gate_lag is {hp.gate_lag}, so it must be at "
+                f"most {controller.num_layers - 2 - hp.gate_lag}."
             )
         text_config = controller.language_model.config
         self.gate = ExitGate(
@@ -127,6 +132,8 @@ class GateDistillModule(L.LightningModule):
                 width=hp.gate_width,
                 tau=hp.gate_tau,
                 min_layer=hp.gate_min_layer,
+                lag=hp.gate_lag,
+                ask_every=hp.gate_ask_every,
             )
         ).to(dtype=torch.float32)
         self.model = model

@@ -153,7 +153,7 @@ def distill_step(
     controller = attach(model)
     num_layers = controller.num_layers
     gate_layers = gate.config.candidate_layers
-    exit_layers = [layer + 1 for layer in gate_layers] + [num_layers]
+    exit_layers = [gate.config.exit_layer_of(layer) for layer in gate_layers] + [num_layers]
     positions, valid = target_positions(batch, "answer_mean")
     prompt_end = positions[:, 0] + 1  # the first answer token is predicted from the last prompt token
     teacher = teacher_log_probs(model, batch, positions, config.temperature)

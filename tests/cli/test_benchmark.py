@@ -1,0 +1,70 @@
+"""The benchmark runs on the CPU at a small shape and reports what the GPU runs report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vtw_train.cli.benchmark import PRESETS, main
+
+
+def test_the_benchmark_times_every_strategy_and_writes_its_tables(tmp_path, capsys):
+    out = tmp_path / "bench"
+    results = main(
+        [
+            "--preset",
+            "cpu_small",
+            "--num_layers",
+            "4",
+            "--batch_sizes",
+            "[1, 2]",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--decode_tokens",
+            "2",
+            "--decode_repeats",
+            "1",
+            "--threads",
+            "1",
+            "--output_dir",
+            str(out),
+        ]  # fmt: skip
+    )
+    printed = capsys.readouterr().out
+    names = {r["strategy"] for r in results}
+    for expected in (
+        "stock",
+        "engine, K = L",
+        "gate asked, never fires",
+        "VTW K = 2",
+        "VTW K = 1",
+        "ShortV N = 2",
+    ):
+        assert expected in names, expected
+    assert any(n.startswith("FastV") for n in names) and any(n.startswith("VisPruner T = 64") for n in names)
+    assert any(n.startswith("K per sample") for n in names) and any(n.startswith("gate fires") for n in names)
+    by = {(r["batch"], r["strategy"]): r for r in results}
+    for batch in (1, 2):
+        stock = by[(batch, "stock")]
+        assert stock["flops_speedup"] == pytest.approx(1.0) and stock["speedup"] == pytest.approx(1.0)
+        assert by[(batch, "engine, K = L")]["flops_speedup"] == pytest.approx(1.0)
+        assert by[(batch, "gate asked, never fires")]["flops_speedup"] == pytest.approx(1.0)
+        half, quarter = by[(batch, "VTW K = 2")], by[(batch, "VTW K = 1")]
+        assert quarter["flops_speedup"] > half["flops_speedup"] > 1.0
+        assert quarter["kv_bytes"] < half["kv_bytes"] < stock["kv_bytes"]
+        for r in (half, quarter):
+            assert r["efficiency"] == pytest.approx(r["speedup"] / r["flops_speedup"])
+            assert r["prefill_ms"] > 0 and r["generate_s"] > 0
+    saved = json.loads((out / "benchmark.json").read_text())
+    assert len(saved["results"]) == len(results) and saved["config"]["preset"] == "cpu_small"
+    table = (out / "benchmark.md").read_text()
+    assert "### batch 1" in table and "### batch 2" in table and "| VTW K = 2 |" in table
+    assert "batch 2" in printed and "FLOPs speedup" in printed
+
+
+def test_presets_carry_real_shapes():
+    assert PRESETS["llava15_7b"].num_layers == 32 and PRESETS["llava15_7b"].visual_tokens == 576
+    assert PRESETS["llava_next_7b"].visual_tokens == 2880 and PRESETS["llava15_13b"].hidden_size == 5120
