@@ -20,6 +20,7 @@ a peft-wrapped model (LoRA layers included).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,7 +31,20 @@ __all__ = [
     "reference_greedy",
     "reference_logits",
     "visual_positions",
+    "with_tokens",
 ]
+
+
+def with_tokens(sample: dict[str, Any], tokens: torch.Tensor) -> dict[str, Any]:
+    """``sample`` (one unpadded row) with ``tokens`` (1-D, text ids) appended, as the reference reads it."""
+    out = dict(sample)
+    n = tokens.numel()
+    out["input_ids"] = torch.cat([sample["input_ids"], tokens.view(1, -1)], dim=1)
+    out["attention_mask"] = torch.cat([sample["attention_mask"], sample["attention_mask"].new_ones(1, n)], 1)
+    if "mm_token_type_ids" in sample:
+        types = sample["mm_token_type_ids"]
+        out["mm_token_type_ids"] = torch.cat([types, types.new_zeros(1, n)], dim=1)
+    return out
 
 
 def _unwrap(model: Any) -> Any:
@@ -143,10 +157,17 @@ def _causal_float_mask(n: int, dtype: torch.dtype, device: torch.device) -> torc
 
 @torch.no_grad()
 def reference_logits(
-    model: Any, inputs: dict[str, Any], exit_layer: int | None
+    model: Any,
+    inputs: dict[str, Any],
+    exit_layer: int | None,
+    prune: tuple[int, Callable[..., torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits at the non-visual positions of one unpadded sample with withdrawal before
     ``exit_layer`` (None or L: no withdrawal; 0: the decoder never sees visual tokens).
+
+    ``prune = (P, choose)``: before layer P (if it comes before the exit), drop the visual tokens
+    that ``choose(layer P-1, its input hidden, cos, sin, visual [1, n] bool)`` does not keep
+    (``[n]`` bool): FastV followed by an exit. The choice itself is the caller's.
 
     Returns ``(logits [1, n_text, vocab], text_index [n_text])`` where ``text_index`` holds the
     positions of the non-visual tokens in ``input_ids``.
@@ -176,12 +197,25 @@ def reference_logits(
     layer_positions = None if qwen else positions
     mask = _causal_float_mask(hidden.shape[1], hidden.dtype, hidden.device)
 
+    is_visual = visual_positions(model, input_ids[0])
+    current = torch.arange(hidden.shape[1], device=hidden.device)  # the original positions still present
+    before_prune = None
     for i, layer in enumerate(layers):
+        drop = None
+        if prune is not None and i == prune[0] - 1:
+            before_prune = (layer, hidden, cos, sin)
+        if prune is not None and i == prune[0] and i < k:
+            keep = prune[1](*before_prune, is_visual[current].unsqueeze(0))
+            drop = is_visual[current] & ~keep
         if i == k:
-            hidden = hidden[:, text_index]
-            cos, sin = cos[:, text_index], sin[:, text_index]
+            drop = is_visual[current]
+        if drop is not None:
+            kept = torch.nonzero(~drop, as_tuple=False).flatten()
+            hidden = hidden[:, kept]
+            cos, sin = cos[:, kept], sin[:, kept]
             if layer_positions is not None:
-                layer_positions = layer_positions[:, text_index]
+                layer_positions = layer_positions[:, kept]
+            current = current[kept]
             mask = _causal_float_mask(hidden.shape[1], hidden.dtype, hidden.device)
         hidden = layer(
             hidden,
@@ -191,8 +225,7 @@ def reference_logits(
             past_key_values=None,
             use_cache=False,
         )
-    if k == num_layers:
-        hidden = hidden[:, text_index]
+    hidden = hidden[:, torch.nonzero(~is_visual[current], as_tuple=False).flatten()]
     logits = model.lm_head(language_model.norm(hidden))
     return logits, text_index
 

@@ -58,6 +58,13 @@ def test_the_benchmark_times_every_strategy_and_writes_its_tables(tmp_path, caps
         for r in (half, quarter):
             assert r["efficiency"] == pytest.approx(r["speedup"] / r["flops_speedup"])
             assert r["prefill_ms"] > 0 and r["generate_s"] > 0
+    # One sample has no padding: what every exit row keeps is exactly what the sample needs at its K.
+    for r in results:
+        if r["batch"] == 1 and (r["strategy"].startswith(("stock", "VTW", "K per sample", "gate"))):
+            assert r["kv_bytes"] == r["kv_need_bytes"], r["strategy"]
+    mix = next(r for r in results if r["batch"] == 2 and r["strategy"].startswith("K per sample"))
+    assert mix["kv_need_bytes"] <= mix["kv_bytes"] <= by[(2, "stock")]["kv_bytes"]
+    assert by[(1, "FastV K = 2 keep 0.5")]["kv_need_bytes"] is None
     saved = json.loads((out / "benchmark.json").read_text())
     assert len(saved["results"]) == len(results) and saved["config"]["preset"] == "cpu_small"
     table = (out / "benchmark.md").read_text()

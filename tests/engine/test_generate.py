@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import NUM_LAYERS, max_abs_diff, mixed_specs, num_text_tokens
 from engine_helpers import collate, singles
-from reference_loop import reference_greedy, reference_logits
+from reference_loop import reference_greedy, reference_logits, with_tokens
 from torch.testing import assert_close
 
 import vtw_train
@@ -46,18 +46,6 @@ def _assert_same_continuation(batched_row: torch.Tensor, alone: torch.Tensor, wh
         assert bool((rest == PAD_TOKEN_ID).all()), f"{what}: tokens after EOS: {rest.tolist()}"
 
 
-def _with_tokens(sample, tokens: torch.Tensor):
-    """``sample`` with ``tokens`` (1-D, text ids) appended, for the reference loop."""
-    out = dict(sample)
-    n = tokens.numel()
-    out["input_ids"] = torch.cat([sample["input_ids"], tokens.view(1, -1)], dim=1)
-    out["attention_mask"] = torch.cat([sample["attention_mask"], sample["attention_mask"].new_ones(1, n)], 1)
-    if "mm_token_type_ids" in sample:
-        types = sample["mm_token_type_ids"]
-        out["mm_token_type_ids"] = torch.cat([types, types.new_zeros(1, n)], dim=1)
-    return out
-
-
 GREEDY_CASES = [(f, "sdpa", k) for f in FAMILIES for k in (0, 1, L - 1)] + [
     (f, "eager", L // 2) for f in ("llava", "llava_next", "qwen2_vl")
 ]
@@ -83,7 +71,7 @@ def test_cached_greedy_matches_reference(family, attn, k):
     # All step logits at once: the reference on prompt + generated tokens (minus the last) predicts
     # the generated tokens at its last n positions.
     n = new.numel()
-    ref_logits, _ = reference_logits(model, _with_tokens(sample, new[:-1]), k)
+    ref_logits, _ = reference_logits(model, with_tokens(sample, new[:-1]), k)
     got = torch.stack(out.logits)[:, 0]  # [n, vocab]
     assert_close(got, ref_logits[0, -n:], atol=2e-5, rtol=1e-5)
 
@@ -123,7 +111,7 @@ def _reference_beam_score(model, sample, new: torch.Tensor, k: int) -> float:
     """Beam score of a finished hypothesis as transformers defines it: the sum of the log-softmax of
     the raw logits at the chosen tokens, divided by the generated length (length_penalty 1)."""
     new = new[new != PAD_TOKEN_ID]
-    logits, _ = reference_logits(model, _with_tokens(sample, new[:-1]), k)
+    logits, _ = reference_logits(model, with_tokens(sample, new[:-1]), k)
     logprobs = torch.log_softmax(logits[0, -new.numel() :], dim=-1)
     return float(logprobs.gather(1, new.view(-1, 1)).sum() / new.numel())
 

@@ -5,7 +5,8 @@ device in the chosen dtype: under a second for 7B on a GPU) is timed on ragged, 
 prompts at each batch size. Every strategy runs in one interleaved loop and is compared by
 medians, with CUDA synchronised around each call. For each: prefill ms, measured speedup, the
 FLOPs speedup of what actually ran (``vtw_train.flops``, per sample), their ratio (efficiency),
-the KV-cache bytes after prefill, the peak memory (CUDA) and the time to generate
+the KV-cache bytes after prefill and their ratio to what the samples need at their own exits (no padding;
+rows that withdraw by exit layers only), the peak memory (CUDA) and the time to generate
 ``decode_tokens`` new tokens. Results go to stdout, ``benchmark.json`` and ``benchmark.md``.
 
     vtw-train benchmark --preset llava15_7b --device cuda --dtype bfloat16 --batch_sizes [1,16,64]
@@ -277,6 +278,27 @@ def flops_speedup(model, strategy: Row, visual_total: int) -> float:
     return full / ratio_sum
 
 
+def kv_need_bytes(model, strategy: Row, exits: list[int | None] | None) -> int | None:
+    """What the prompts' KV cache needs at each sample's own exit, without any padding: each sample's text in
+    every layer plus its visual tokens below its K. None for rows that do not withdraw by exits (FastV,
+    ShortV, VisPruner), whose need is not this formula."""
+    if strategy.reduction is not None and exits is None:
+        return None
+    if strategy.kept_visual is not None:
+        return None
+    text = model.config.text_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    per_token_layer = 2 * text.num_key_value_heads * head_dim * model.dtype.itemsize
+    ids, mask = strategy.inputs["input_ids"], strategy.inputs["attention_mask"]
+    n_text, n_visual = token_counts(ids == IMAGE_TOKEN_ID, mask)
+    layers = text.num_hidden_layers
+    ks = exits if exits is not None else [None] * len(n_text)
+    tokens = sum(
+        t * layers + v * (layers if k is None else k) for t, v, k in zip(n_text, n_visual, ks, strict=True)
+    )
+    return tokens * per_token_layer
+
+
 def bench_batch(
     run: BenchmarkRun, model, shape: Shape, batch: int, device: torch.device
 ) -> list[dict[str, Any]]:
@@ -322,6 +344,7 @@ def bench_batch(
         kv = cache_bytes(state.pop("out").past_key_values)
         if s.exits is not None:
             exits_seen[s.name] = s.exits()
+        need = kv_need_bytes(model, s, exits_seen.get(s.name))
         speed = flops_speedup(
             model,
             Row(
@@ -338,6 +361,7 @@ def bench_batch(
                 "strategy": s.name,
                 "batch": batch,
                 "kv_bytes": kv,
+                "kv_need_bytes": need,
                 "peak_prefill_bytes": peak,
                 "flops_speedup": speed,
             }
@@ -367,6 +391,7 @@ COLUMNS = (
     "FLOPs speedup",
     "efficiency",
     "KV MiB",
+    "KV / need",
     "peak MiB",
     "generate s",
     "gen. speedup",
@@ -379,7 +404,8 @@ def _row(r: dict[str, Any]) -> list[str]:
 
     peak = None if r["peak_prefill_bytes"] is None else r["peak_prefill_bytes"] / 2**20
     return [r["strategy"], num(r["prefill_ms"], ".1f"), num(r["speedup"], ".2f") + "x", num(r["flops_speedup"], ".2f") + "x",
-            num(r["efficiency"], ".2f"), num(r["kv_bytes"] / 2**20, ".1f"), num(peak, ".0f"),
+            num(r["efficiency"], ".2f"), num(r["kv_bytes"] / 2**20, ".1f"),
+            num(r["kv_bytes"] / r["kv_need_bytes"] if r.get("kv_need_bytes") else None, ".2f"), num(peak, ".0f"),
             num(r.get("generate_s"), ".3f"), num(r.get("generate_speedup"), ".2f") + ("x" if "generate_speedup" in r else "")]  # fmt: skip
 
 

@@ -2,9 +2,10 @@
 
 Decoding after a withdrawn prefill needs per-layer masks: layers that every sample ran
 in full keep the full stream, layers after every sample's exit hold the text stream only,
-and layers in between (per-sample exits) keep the full layout with the exited samples'
-visual slots masked. That state must follow the cache through beam search reordering,
-batch selection and cropping, which is why it lives here and not on the model.
+and layers in between (per-sample exits) hold one group of rows per layout
+(:class:`~vtw_train.engine.grouped.GroupedLayer`), so each sample keeps only what it needs at
+its own exit. That state must follow the cache through beam search reordering, batch
+selection and cropping, which is why it lives here and not on the model.
 """
 
 from __future__ import annotations
@@ -13,8 +14,13 @@ from dataclasses import dataclass, replace
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
-FULL, TEXT, MIXED = "full", "text", "mixed"
+from .grouped import FULL, REDUCED, TEXT, GroupedLayer
+
+#: A layer whose cache holds groups of rows in different streams (per-sample exits).
+MIXED = "mixed"
+__all__ = ["FULL", "MIXED", "REDUCED", "TEXT", "ExitState", "WithdrawalCache", "kv_bytes"]
 
 
 @dataclass
@@ -25,54 +31,36 @@ class ExitState:
     visual: torch.Tensor  # [B, T_prompt] bool, visual positions of the prompt
     full_mask: torch.Tensor  # [B, S_full] long, padding mask of the full stream incl. generated tokens
     text_mask: torch.Tensor  # [B, S_text] long, padding mask of the text stream incl. generated tokens
-    num_layers: int
-    host_exits: list[int] | None = None  # the same exit layers on the host (None: read them when needed)
-    _layouts: list[str] | None = None
+    layer_streams: list[str]  # per layer, on the host: FULL, REDUCED, TEXT or MIXED (grouped)
+    reduced_mask: torch.Tensor | None = None  # [B, S_reduced] long, FastV's stream (None: no FastV)
 
-    def layouts(self) -> list[str]:
-        """Layout of every layer, computed once on the host (the exit layers are fixed after prefill)."""
-        if self._layouts is None:
-            if self.host_exits is None:
-                self.host_exits = [
-                    int(k) for k in self.exit_layers.tolist()
-                ]  # one read, after a row selection
-            self._layouts = [self.layout_of(layer) for layer in range(self.num_layers)]
-        return self._layouts
+    def stream_masks(self) -> dict[str, torch.Tensor]:
+        """The padding mask of every stream this request's cache uses."""
+        masks = {FULL: self.full_mask, TEXT: self.text_mask}
+        if self.reduced_mask is not None:
+            masks[REDUCED] = self.reduced_mask
+        return masks
 
-    def layout_of(self, layer: int) -> str:
-        exits = (
-            self.host_exits if self.host_exits is not None else [int(k) for k in self.exit_layers.tolist()]
-        )
-        if all(k > layer for k in exits):
-            return FULL
-        if all(k <= layer for k in exits):
-            return TEXT
-        return MIXED
-
-    def mixed_mask(self, layer: int) -> torch.Tensor:
-        """Full-stream mask with visual columns hidden for samples that exited by ``layer``."""
-        exited = (self.exit_layers <= layer).unsqueeze(1)
-        hide = torch.zeros_like(self.full_mask, dtype=torch.bool)
-        hide[:, : self.visual.shape[1]] = self.visual & exited
-        return self.full_mask.masked_fill(hide, 0)
+    def _map(self, change) -> dict[str, torch.Tensor | None]:
+        reduced = None if self.reduced_mask is None else change(self.reduced_mask)
+        return {
+            "full_mask": change(self.full_mask),
+            "text_mask": change(self.text_mask),
+            "reduced_mask": reduced,
+        }
 
     def append(self, new_columns: torch.Tensor) -> None:
         new_columns = new_columns.to(self.full_mask.dtype)
-        self.full_mask = torch.cat([self.full_mask, new_columns], dim=1)
-        self.text_mask = torch.cat([self.text_mask, new_columns], dim=1)
+        for name, mask in self._map(lambda m: torch.cat([m, new_columns], dim=1)).items():
+            setattr(self, name, mask)
 
-    def select_rows(self, index: torch.Tensor, same_exits: bool = False) -> ExitState:
-        """The state of the selected rows. ``same_exits``: the rows' exit layers are a permutation of
-        the old ones (beam reordering within each prompt), so every layer's layout is unchanged."""
-        keep = same_exits and self._layouts is not None
+    def select_rows(self, index: torch.Tensor) -> ExitState:
+        """The state of the selected rows (each layer's stream does not depend on the rows)."""
         return replace(
             self,
-            _layouts=self._layouts if keep else None,
-            host_exits=self.host_exits if keep else None,
             exit_layers=self.exit_layers[index],
             visual=self.visual[index],
-            full_mask=self.full_mask[index],
-            text_mask=self.text_mask[index],
+            **self._map(lambda m: m[index]),
         )
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -83,8 +71,8 @@ class ExitState:
                 "after the prompt, and the prompt's visual tokens are already gone from deep layers."
             )
         if tokens_to_remove:
-            self.full_mask = self.full_mask[:, :-tokens_to_remove]
-            self.text_mask = self.text_mask[:, :-tokens_to_remove]
+            for name, mask in self._map(lambda m: m[:, :-tokens_to_remove]).items():
+                setattr(self, name, mask)
 
 
 class WithdrawalCache(DynamicCache):
@@ -125,9 +113,7 @@ class WithdrawalCache(DynamicCache):
         super().reorder_cache(beam_idx)
         if self.exit_state is not None:
             # Beams are reordered within each prompt, and a prompt's beams share its exit layer.
-            self.exit_state = self.exit_state.select_rows(
-                beam_idx.to(self.exit_state.exit_layers.device), same_exits=True
-            )
+            self.exit_state = self.exit_state.select_rows(beam_idx.to(self.exit_state.exit_layers.device))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
@@ -140,7 +126,7 @@ class WithdrawalCache(DynamicCache):
             index = torch.arange(
                 self.exit_state.exit_layers.shape[0], device=self.exit_state.exit_layers.device
             )
-            self.exit_state = self.exit_state.select_rows(index.repeat_interleave(repeats), same_exits=True)
+            self.exit_state = self.exit_state.select_rows(index.repeat_interleave(repeats))
 
     def crop(self, tokens_to_remove: int) -> None:
         # transformers 5.x only accepts a negative count here (the number of tokens to drop).
@@ -150,4 +136,19 @@ class WithdrawalCache(DynamicCache):
 
     def reset(self) -> None:
         super().reset()
+        # A grouped layer belongs to the prefill that made it; the next one starts from plain layers.
+        self.layers = [DynamicLayer() if isinstance(layer, GroupedLayer) else layer for layer in self.layers]
         self.exit_state = None
+
+
+def kv_bytes(cache: object) -> int:
+    """Bytes held by a cache's keys and values over all layers (grouped layers counted group by group)."""
+    total = 0
+    for layer in getattr(cache, "layers", None) or []:
+        if isinstance(layer, GroupedLayer):
+            total += layer.nbytes()
+            continue
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total

@@ -14,12 +14,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function, create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ..errors import WithdrawalError
-from .cache import FULL, MIXED, TEXT, ExitState, WithdrawalCache
+from .cache import FULL, MIXED, REDUCED, TEXT, ExitState, WithdrawalCache
 from .frozen import frozen_layer_forward
+from .grouped import GroupedLayer, KVGroup, device_index, group_masks, grouped_attention_for
 from .layout import TextLayout, build_text_layout
 
 if TYPE_CHECKING:
@@ -55,11 +57,11 @@ _UNSUPPORTED_OUTPUTS = ("output_attentions", "output_hidden_states")
 
 
 class _CaptureKV:
-    """Stands in for the cache while one group runs a layer, so its keys/values can be merged.
+    """Stands in for the cache while one group runs a layer, so its keys and values can be kept per group.
 
     At a layer where some samples are full and some are text-only, the two groups run
-    separately; their keys and values are captured here and written to the real cache in
-    one full-layout tensor per layer afterwards.
+    separately; their keys and values are captured here and become one :class:`GroupedLayer`
+    of the real cache afterwards, each group in its own layout.
     """
 
     def __init__(self) -> None:
@@ -91,23 +93,7 @@ def _expand_batch(tensor: torch.Tensor, batch: int) -> torch.Tensor:
     return tensor.expand(batch, *tensor.shape[1:]) if tensor.shape[0] == 1 else tensor
 
 
-def _scatter_kv(text_kv: torch.Tensor, layout: TextLayout, rows: torch.Tensor) -> torch.Tensor:
-    """Place text-layout keys/values ``[n, H, T_text, d]`` at their full-stream slots (zeros elsewhere)."""
-    n, heads, width, dim = text_kv.shape
-    t = layout.full_length
-    index, valid = layout.rows_index(rows, width)
-    index = torch.where(valid, index, t)
-    index = index.view(n, 1, -1, 1).expand(n, heads, -1, dim)
-    buffer = text_kv.new_zeros((n, heads, t + 1, dim))
-    return buffer.scatter(2, index, text_kv)[:, :, :t]
-
-
-def _device_index(values: list[int], device: torch.device) -> torch.Tensor:
-    """A small host list as a device index, copied without draining the device's queue."""
-    host = torch.tensor(values, dtype=torch.long)
-    if device.type == "cpu":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
+_device_index = device_index
 
 
 @dataclass
@@ -131,11 +117,6 @@ class _Plan:
             columns.append(exits.to(visual.device))
         n_text, n_visual, *rest = torch.stack(columns).tolist()  # the one host sync
         return cls(n_text, n_visual, rest[0] if rest else [int(exits)] * batch)
-
-    def width(self, rows: list[int], kept: list[int] | None = None) -> int:
-        """Text slots the rows need (their longest text, plus kept visual tokens after FastV)."""
-        extra = kept or [0] * len(self.n_text)
-        return max((self.n_text[r] + extra[r] for r in rows), default=0)
 
 
 class _LaggedDecisions:
@@ -186,11 +167,12 @@ def _read(host: torch.Tensor) -> list[bool]:
 
 @dataclass
 class _Prefill:
-    """What every layer of one prefill needs, fixed for the call (the reduced layout may be reset once, by FastV)."""
+    """What every layer of one prefill needs, fixed for the call."""
 
     batch: int
     visual: torch.Tensor
     padding: torch.Tensor | None
+    like: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor
     full_mask: Any
@@ -199,33 +181,49 @@ class _Prefill:
     kwargs: dict[str, Any]
     frozen: frozenset[int]
     plan: _Plan
-    visual_layout: TextLayout | None = None
-    dropped: torch.Tensor | None = None
-    kept: list[int] | None = None
-    layout: TextLayout | None = None
-    text_cos: torch.Tensor | None = None
-    text_sin: torch.Tensor | None = None
-    text_masks: _TextMasks | None = None
+    text: _Stream | None = None
 
-    def set_dropped(
-        self,
-        owner: WithdrawalForward,
-        dropped: torch.Tensor,
-        like: torch.Tensor,
-        kept: list[int] | None = None,
-    ) -> None:
-        """The tokens the reduced stream leaves out: every visual token (VTW) or FastV's pruned ones.
 
-        ``kept[b]``: visual tokens row b keeps in the reduced stream (FastV), so its width is known.
-        """
-        self.dropped = dropped
-        self.kept = kept
-        width = self.plan.width(list(range(self.batch)), kept)
-        self.layout = build_text_layout(dropped, self.padding, text_length=width)
-        if kept is None:
-            self.visual_layout = self.layout
-        self.text_cos, self.text_sin = self.layout.gather(self.cos), self.layout.gather(self.sin)
-        self.text_masks = _TextMasks(owner, self.layout, like)
+@dataclass
+class _Stream:
+    """The prompt without some of its tokens, re-padded on the left: the text stream (every visual token
+    left out) or FastV's reduced stream (the visual tokens it pruned left out).
+
+    ``extra[b]``: visual tokens row b keeps in this stream (0 in the text stream), so widths are known
+    on the host. ``visual``: ``[B, width]`` bool, the slots an exit rule must read as image (kept visual
+    tokens, and text that came before the last one), so it pools the same text as in the full stream.
+    """
+
+    name: str
+    layout: TextLayout
+    cos: torch.Tensor
+    sin: torch.Tensor
+    masks: _TextMasks
+    extra: list[int]
+    visual: torch.Tensor | None = None
+
+    @classmethod
+    def build(cls, owner: WithdrawalForward, name: str, dropped: torch.Tensor, ctx: _Prefill,
+              extra: list[int] | None = None) -> _Stream:  # fmt: skip
+        extra = extra or [0] * ctx.batch
+        width = max((ctx.plan.n_text[r] + extra[r] for r in range(ctx.batch)), default=0)
+        layout = build_text_layout(dropped, ctx.padding, text_length=width)
+        visual = None
+        if name == REDUCED:
+            positions = torch.arange(ctx.visual.shape[1], device=ctx.visual.device)
+            last_visual = torch.where(ctx.visual, positions, -1).max(dim=1).values
+            image_side = torch.gather(ctx.visual, 1, layout.index) | (layout.index < last_visual.unsqueeze(1))
+            visual = image_side & layout.valid
+        masks = _TextMasks(owner, layout, ctx.like)
+        return cls(name, layout, layout.gather(ctx.cos), layout.gather(ctx.sin), masks, extra, visual)
+
+    def padded(self, plan: _Plan, rows: list[int], width: int) -> bool:
+        """Whether any of ``rows`` is shorter than ``width`` in this stream (known on the host)."""
+        return any(plan.n_text[r] + self.extra[r] < width for r in rows)
+
+    def width(self, plan: _Plan, rows: list[int]) -> int:
+        """Slots the rows need in this stream: their longest text plus the visual tokens they keep here."""
+        return max((plan.n_text[r] + self.extra[r] for r in rows), default=0)
 
 
 class _TextMasks:
@@ -291,16 +289,15 @@ class WithdrawalForward:
             return self.original(**call)
         batch = visual.shape[0]
         pruning = reduction.pruning
-        if pruning is not None:
-            exits: torch.Tensor | int = pruning.layer
-        elif isinstance(reduction.exit_layer, torch.Tensor):
+        exits: torch.Tensor | int
+        if isinstance(reduction.exit_layer, torch.Tensor):
             exits = controller.resolve_exit_layers(batch, visual.device)
         else:
             exits = controller.num_layers if reduction.exit_layer is None else reduction.exit_layer
         plan = _Plan.read(visual, attention_mask if isinstance(attention_mask, torch.Tensor) else None, exits)
-        recorded = (
-            None if pruning is not None else torch.tensor(plan.exits).to(visual.device, non_blocking=True)
-        )
+        recorded = None
+        if pruning is None or reduction.withdraws:  # FastV alone prunes, it does not exit
+            recorded = torch.tensor(plan.exits).to(visual.device, non_blocking=True)
         reduces = reduction.exit_rule is not None or reduction.frozen_layers or pruning is not None
         reduces = reduces or any(k < controller.num_layers for k in plan.exits)
         if not any(plan.n_visual) or not reduces:
@@ -433,6 +430,7 @@ class WithdrawalForward:
             batch=batch,
             visual=visual,
             padding=attention_mask,
+            like=inputs_embeds,
             cos=cos,
             sin=sin,
             full_mask=self._mask(inputs_embeds, attention_mask, cache, positions.text, 0),
@@ -442,11 +440,12 @@ class WithdrawalForward:
             frozen=reduction.frozen_layers,
             plan=plan,
         )
-        ctx.set_dropped(self, visual, inputs_embeds)
+        ctx.text = _Stream.build(self, TEXT, visual, ctx)
 
         exits = list(plan.exits)
-        # Rows are grouped on the host: the full group (still reading visual tokens) and the text
-        # group (withdrawn). Samples move from the first to the second before their exit layer.
+        # Rows are grouped on the host: the full group (still reading visual tokens: the full stream,
+        # or FastV's reduced stream from its layer on) and the text group (withdrawn). Samples move
+        # from the first to the second before their exit layer.
         everyone = list(range(batch))
         full_rows = [r for r in everyone if exits[r] > 0]
         text_rows = [r for r in everyone if exits[r] <= 0]
@@ -454,35 +453,27 @@ class WithdrawalForward:
         if text_rows:
             full.hidden = inputs_embeds.index_select(0, full.index)
             index = self._index(text_rows, batch, device)
-            width = plan.width(text_rows)
+            width = ctx.text.width(plan, text_rows)
             text = _Group(
-                text_rows, index, ctx.layout.gather(inputs_embeds.index_select(0, index), index, width)
+                text_rows, index, ctx.text.layout.gather(inputs_embeds.index_select(0, index), index, width)
             )
         else:
             text = _Group([], torch.empty(0, dtype=torch.long, device=device), inputs_embeds[:0])
+        reduced: _Stream | None = (
+            None  # the full group's stream once FastV has pruned (None: the full stream)
+        )
         dynamic = reduction.exit_rule
         decisions = _LaggedDecisions(int(getattr(dynamic, "lag", 0))) if dynamic is not None else None
         fastv = reduction.pruning
         previous_input = None
+        streams: list[str] = []  # what each layer's cache holds, for decoding
 
         for layer_idx in range(num_layers):
-            if fastv is not None and layer_idx == fastv.layer:
-                # Every row moves now; FastV's chosen visual tokens stay in the reduced stream.
-                keep = fastv.select(
-                    self.lm.layers[layer_idx - 1],
-                    previous_input,
-                    cos,
-                    sin,
-                    visual,
-                    attention_mask,
-                    plan.n_visual,
-                )
-                kept = [fastv.kept_count(n) for n in plan.n_visual]
-                ctx.set_dropped(self, visual & ~keep, inputs_embeds, kept)
-            if fastv is not None and layer_idx == fastv.layer - 1:
-                previous_input = full.hidden
+            if fastv is not None and layer_idx == fastv.layer and len(full):
+                full, reduced = self._prune(full, previous_input, fastv, ctx)
             if decisions is not None and layer_idx > 0 and len(full):
-                fire = dynamic(layer_idx - 1, full.hidden, full.index, visual, attention_mask)
+                seen = (visual, attention_mask) if reduced is None else (reduced.visual, reduced.layout.valid)
+                fire = dynamic(layer_idx - 1, full.hidden, full.index, *seen)
                 if fire is not None:
                     decisions.add(layer_idx - 1, full.rows, fire)
             if decisions is not None:
@@ -490,27 +481,35 @@ class WithdrawalForward:
                     exits[row] = min(exits[row], layer_idx)
             moving = [r for r in full.rows if exits[r] <= layer_idx]
             if moving:
-                full, text = self._move(full, text, moving, ctx)
+                full, text = self._move(full, text, moving, reduced, ctx)
+            if fastv is not None and layer_idx == fastv.layer - 1:
+                previous_input = full.hidden  # FastV ranks with this layer's input, after this layer's moves
 
             if not len(text) or not len(full):
-                group, is_full = (full, True) if len(full) else (text, False)
-                group.hidden = self._run_group(layer_idx, group, is_full, ctx, cache)
+                group, stream = (full, reduced) if len(full) else (text, ctx.text)
+                group.hidden = self._run_group(layer_idx, group, stream, ctx, cache)
+                streams.append(FULL if stream is None else stream.name)
                 continue
             captures = (_CaptureKV(), _CaptureKV()) if cache is not None else (None, None)
-            full.hidden = self._run_group(layer_idx, full, True, ctx, captures[0])
-            text.hidden = self._run_group(layer_idx, text, False, ctx, captures[1])
+            full.hidden = self._run_group(layer_idx, full, reduced, ctx, captures[0])
+            text.hidden = self._run_group(layer_idx, text, ctx.text, ctx, captures[1])
             if cache is not None:
-                self._store_mixed(cache, layer_idx, captures, full, text, ctx.layout, batch)
+                self._store_grouped(cache, layer_idx, captures, full, text, reduced, ctx)
+            streams.append(MIXED)
 
         hidden = inputs_embeds.new_zeros(inputs_embeds.shape)
         if len(full):
-            hidden = hidden.index_copy(0, full.index, full.hidden)
+            if reduced is None:
+                hidden = hidden.index_copy(0, full.index, full.hidden)
+            else:
+                hidden = reduced.layout.scatter(full.hidden, hidden, full.index)
         if len(text):
-            hidden = ctx.layout.scatter(text.hidden, hidden, text.index)
+            hidden = ctx.text.layout.scatter(text.hidden, hidden, text.index)
         hidden = self.lm.norm(hidden)
 
         exit_tensor = torch.tensor(exits).to(device, non_blocking=True)
-        controller.record_exits(None if fastv is not None else exit_tensor)  # FastV prunes, it does not exit
+        # FastV alone prunes, it does not exit: no exit layers on record then.
+        controller.record_exits(None if fastv is not None and not reduction.withdraws else exit_tensor)
         if cache is not None:
             padding = (
                 attention_mask.long()
@@ -519,11 +518,11 @@ class WithdrawalForward:
             )
             cache.exit_state = ExitState(
                 exit_layers=exit_tensor,
-                visual=ctx.dropped,
+                visual=visual,
                 full_mask=padding,
-                text_mask=ctx.layout.valid.long(),
-                num_layers=num_layers,
-                host_exits=exits,
+                text_mask=ctx.text.layout.valid.long(),
+                reduced_mask=None if reduced is None else reduced.layout.valid.long(),
+                layer_streams=streams,
             )
         return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache)
 
@@ -533,7 +532,34 @@ class WithdrawalForward:
             return torch.arange(batch, device=device)
         return _device_index(rows, device)
 
-    def _move(self, full: _Group, text: _Group, moving: list[int], ctx: _Prefill) -> tuple[_Group, _Group]:
+    def _prune(
+        self, full: _Group, previous_input: torch.Tensor, fastv, ctx: _Prefill
+    ) -> tuple[_Group, _Stream]:
+        """FastV at its layer: the full group keeps the visual tokens chosen from the previous layer's input."""
+        rows = full.index
+        padding = None if ctx.padding is None else ctx.padding.index_select(0, rows)
+        chosen = fastv.select(
+            self.lm.layers[fastv.layer - 1],
+            previous_input,
+            ctx.cos.index_select(0, rows),
+            ctx.sin.index_select(0, rows),
+            ctx.visual.index_select(0, rows),
+            padding,
+            [ctx.plan.n_visual[r] for r in full.rows],
+        )
+        keep = torch.zeros_like(ctx.visual).index_copy(0, rows, chosen)
+        extra = [0] * ctx.batch
+        for r in full.rows:
+            extra[r] = fastv.kept_count(ctx.plan.n_visual[r])
+        reduced = _Stream.build(self, REDUCED, ctx.visual & ~keep, ctx, extra)
+        # The full group always spans the reduced stream's whole width, so the exit rule's view of it
+        # (reduced.visual, reduced.layout.valid) lines up with its rows.
+        hidden = reduced.layout.gather(full.hidden, rows, reduced.layout.length)
+        return _Group(full.rows, rows, hidden), reduced
+
+    def _move(
+        self, full: _Group, text: _Group, moving: list[int], reduced: _Stream | None, ctx: _Prefill
+    ) -> tuple[_Group, _Group]:
         """Withdraw the visual tokens of the ``moving`` rows of the full group (decided on the host)."""
         device = full.hidden.device
         moving_set = set(moving)
@@ -543,10 +569,11 @@ class WithdrawalForward:
         moved_rows = [full.rows[i] for i in move_pos]
         moved_index = full.index.index_select(0, _device_index(move_pos, device))
         joined_rows = moved_rows + text.rows
-        width = ctx.plan.width(joined_rows, ctx.kept)
-        arriving = ctx.layout.gather(
-            full.hidden.index_select(0, _device_index(move_pos, device)), moved_index, width
-        )
+        width = ctx.text.width(ctx.plan, joined_rows)
+        leaving = full.hidden.index_select(0, _device_index(move_pos, device))
+        if reduced is not None:  # from FastV's stream: back to full-stream positions first
+            leaving = reduced.layout.spread(leaving, moved_index)
+        arriving = ctx.text.layout.gather(leaving, moved_index, width)
         staying = text.hidden
         if staying.shape[1] < width:  # newcomers have longer text: re-pad the group on the left
             staying = torch.nn.functional.pad(staying, (0, 0, width - staying.shape[1], 0))
@@ -568,12 +595,15 @@ class WithdrawalForward:
             new_full = _Group([], full.index[:0], full.hidden[:0])
         return new_full, _Group(joined_rows, joined_index, joined)
 
-    def _run_group(self, layer_idx: int, group: _Group, is_full: bool, ctx: _Prefill, cache) -> torch.Tensor:
+    def _run_group(
+        self, layer_idx: int, group: _Group, stream: _Stream | None, ctx: _Prefill, cache
+    ) -> torch.Tensor:
+        """Run one layer for one group, in the full stream (``stream`` None) or in a re-padded stream."""
         rows = group.index
         whole = len(group) == ctx.batch and group.rows == list(range(ctx.batch))
-        if is_full and layer_idx in ctx.frozen:
+        if stream is None and layer_idx in ctx.frozen:
             padding = None if ctx.padding is None else ctx.padding[rows]
-            layout = ctx.visual_layout.select(rows, ctx.plan.width(group.rows))
+            layout = ctx.text.layout.select(rows, ctx.text.width(ctx.plan, group.rows))
             return frozen_layer_forward(
                 self.lm.layers[layer_idx],
                 layer_idx,
@@ -587,37 +617,38 @@ class WithdrawalForward:
                 ctx.kwargs,
                 layout=layout,
             )
-        if is_full:
+        if stream is None:
             mask = ctx.full_mask if whole or ctx.full_mask is None else ctx.full_mask[rows]
             c, s = (ctx.cos, ctx.sin) if whole else (ctx.cos[rows], ctx.sin[rows])
             pos = ctx.full_positions if whole or ctx.full_positions is None else ctx.full_positions[rows]
         else:
             width = group.hidden.shape[1]
-            extra = ctx.kept or [0] * ctx.batch
-            padded = any(ctx.plan.n_text[r] + extra[r] < width for r in group.rows)
-            mask = ctx.text_masks.for_rows(rows, width, padded)
-            start = ctx.text_cos.shape[1] - width
-            c, s = (
-                (ctx.text_cos, ctx.text_sin)
-                if whole
-                else (ctx.text_cos[rows, start:], ctx.text_sin[rows, start:])
-            )
+            mask = stream.masks.for_rows(rows, width, stream.padded(ctx.plan, group.rows, width))
+            start = stream.cos.shape[1] - width
+            c, s = (stream.cos, stream.sin) if whole else (stream.cos[rows, start:], stream.sin[rows, start:])
             pos = None  # gathered positions have gaps; flash-attention would read them as packed sequences
         return self._run_layer(layer_idx, group.hidden, mask, c, s, pos, cache, ctx.use_cache, ctx.kwargs)
 
-    @staticmethod
-    def _store_mixed(
-        cache, layer_idx, captures, full: _Group, text: _Group, layout: TextLayout, batch: int
+    def _store_grouped(
+        self, cache, layer_idx, captures, full: _Group, text: _Group, reduced: _Stream | None, ctx: _Prefill
     ) -> None:
-        """Write one full-layout key/value tensor for a layer where the two groups ran apart."""
-        tensors = []
-        for attr in ("keys", "values"):
-            full_kv = getattr(captures[0], attr)
-            text_kv = _scatter_kv(getattr(captures[1], attr), layout, text.index)
-            merged = full_kv.new_zeros((batch, *full_kv.shape[1:]))
-            merged = merged.index_copy(0, full.index, full_kv).index_copy(0, text.index, text_kv)
-            tensors.append(merged)
-        cache.update(tensors[0], tensors[1], layer_idx)
+        """Keep a layer where the two groups ran apart as one group per stream (nothing re-padded to full)."""
+        full_kv, text_kv = captures
+        text_width = text_kv.keys.shape[-2]
+        if reduced is None:
+            first = KVGroup(full.rows, FULL, full_kv.keys, full_kv.values)
+        else:
+            offset = reduced.layout.length - full_kv.keys.shape[-2]
+            first = KVGroup(full.rows, REDUCED, full_kv.keys, full_kv.values, offset=offset)
+        groups = [
+            first,
+            KVGroup(
+                text.rows, TEXT, text_kv.keys, text_kv.values, offset=ctx.text.layout.length - text_width
+            ),
+        ]
+        while len(cache.layers) <= layer_idx:
+            cache.layers.append(DynamicLayer())
+        cache.layers[layer_idx] = GroupedLayer(groups, ctx.batch)
 
     # ------------------------------------------------------------------ decode
     def _decode(
@@ -666,24 +697,38 @@ class WithdrawalForward:
             positions = adapter.split_positions(position_ids)
         cos, sin = self._rotary(inputs_embeds, positions.rope, batch)
 
+        # One mask per stream, and one per distinct group of rows in mixed layers (shared by the layers
+        # whose groups are the same rows): the count grows with the distinct exits, not with depth.
         masks: dict[Any, Any] = {}
-        layouts = state.layouts()
+        built: dict[Any, Any] = {}
+        stream_masks = state.stream_masks()
+        # A layer is mixed when its cache holds groups of rows (which it keeps after a row selection,
+        # even if one group is left: its rows keep their own width).
+        layouts = [
+            MIXED if isinstance(cache.layers[i], GroupedLayer) else kind
+            for i, kind in enumerate(state.layer_streams)
+        ]
+        config = self.lm.config
         for layer_idx, kind in enumerate(layouts):
-            key = kind if kind != MIXED else (MIXED, layer_idx)
-            if key in masks:
-                continue
-            if kind == FULL:
-                masks[key] = self._mask(inputs_embeds, state.full_mask, cache, positions.text, layer_idx)
-            elif kind == TEXT:
-                masks[key] = self._mask(inputs_embeds, state.text_mask, cache, None, layer_idx)
-            else:
-                masks[key] = self._mask(inputs_embeds, state.mixed_mask(layer_idx), cache, None, layer_idx)
+            if kind == MIXED:
+                layer = cache.layers[layer_idx]
+                masks[layer_idx] = group_masks(
+                    layer, stream_masks, length, config, inputs_embeds.dtype, built
+                )
+            elif kind not in masks:
+                pos = positions.text if kind == FULL else None
+                masks[kind] = self._mask(inputs_embeds, stream_masks[kind], cache, pos, layer_idx)
 
         hidden = inputs_embeds
         use_cache = True if use_cache is None else use_cache
         for layer_idx, kind in enumerate(layouts):
-            key = kind if kind != MIXED else (MIXED, layer_idx)
+            if kind == MIXED:
+                with grouped_attention_for(config):
+                    hidden = self._run_layer(
+                        layer_idx, hidden, masks[layer_idx], cos, sin, None, cache, use_cache, kwargs
+                    )
+                continue
             pos = positions.text if kind == FULL else None
-            hidden = self._run_layer(layer_idx, hidden, masks[key], cos, sin, pos, cache, use_cache, kwargs)
+            hidden = self._run_layer(layer_idx, hidden, masks[kind], cos, sin, pos, cache, use_cache, kwargs)
         hidden = self.lm.norm(hidden)
         return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache)

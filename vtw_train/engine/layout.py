@@ -58,6 +58,16 @@ class TextLayout:
         expanded = index.view(*index.shape, *([1] * (full.dim() - 2))).expand(shape)
         return torch.gather(full, 1, expanded)
 
+    def spread(self, text: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Layout states of ``rows`` (``[n, width, ...]``) at their full-stream positions (``[n, T, ...]``, zeros
+        elsewhere): how a row leaves one reduced layout for another (FastV's stream for the text stream)."""
+        t = self.full_length
+        index, valid = self.rows_index(rows, text.shape[1])
+        index = torch.where(valid, index, t)
+        buffer = text.new_zeros((len(rows), t + 1, *text.shape[2:]))
+        expanded = index.view(*index.shape, *([1] * (text.dim() - 2))).expand(text.shape)
+        return buffer.scatter(1, expanded, text)[:, :t]
+
     def scatter(
         self, text: torch.Tensor, full: torch.Tensor, rows: torch.Tensor, keep_others: bool = False
     ) -> torch.Tensor:

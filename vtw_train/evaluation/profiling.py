@@ -19,6 +19,7 @@ from torch import nn
 
 from ..adapters import set_adapters
 from ..engine import attach
+from ..engine.cache import kv_bytes
 from ..timing import interleaved_medians
 from .strategies import Strategy
 
@@ -33,13 +34,8 @@ class PrefillCost:
 
 
 def cache_bytes(cache: Any) -> int:
-    """Bytes held by a (Dynamic/Withdrawal)Cache's keys and values over all layers."""
-    total = 0
-    for layer in getattr(cache, "layers", []) or []:
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(tensor, torch.Tensor):
-                total += tensor.numel() * tensor.element_size()
-    return total
+    """Bytes held by a cache's keys and values over all layers (per-sample exit groups included)."""
+    return kv_bytes(cache)
 
 
 def _sync(device: torch.device) -> None:
