@@ -60,10 +60,12 @@ def _config(miniature, out_dir: Path, **overrides) -> dict:
             "vtw_calibrated": True,
             "vtw_answer_calibrated": True,
             "vispruner": [16],
+            "random_tokens": [16],
             "shortv": [1],
             "fastv": [{"layer": 1, "keep_ratio": 0.5}],
             "vispruner_vtw": [{"tokens": 16, "exit_layer": 2}],
             "shortv_vtw": [{"frozen": 2, "exit_layer": 2}],
+            "fastv_vtw": [{"layer": 1, "keep_ratio": 0.5, "exit_layer": 2}],
         },
         "calibration": {"num_samples": 4, "shortv_samples": 4, "batch_size": 2, "threshold": 0.01},
         "generation": {"batch_size": 5, "max_new_tokens": 2},
@@ -113,6 +115,8 @@ def test_run_writes_every_output(run, capsys):
     assert "each sample at its own prompt length (here" in summary
     pruned = run["result"].by_name("VisPruner T=16")
     assert pruned.mean_visual_in is not None and pruned.mean_visual_in <= 16
+    control = run["result"].by_name("random T=16 (control)")
+    assert control.mean_visual_in == pruned.mean_visual_in and control.flops_ratio == pruned.flops_ratio
 
 
 def test_full_model_is_the_reference(run):
@@ -142,6 +146,10 @@ def test_flops_fall_strictly_with_earlier_exits(run):
     )
     assert result.by_name("ShortV N=1").flops_ratio < 1.0
     assert result.by_name("FastV K=1 keep=0.5").flops_ratio < 1.0
+    fastv_exit = result.by_name("FastV K=1 keep=0.5 + VTW K=2")
+    assert fastv_exit.flops_ratio < result.by_name("FastV K=1 keep=0.5").flops_ratio
+    assert fastv_exit.flops_ratio < result.by_name("VTW K=2").flops_ratio
+    assert fastv_exit.mean_exit_layer == 2
     # Withdrawal shrinks the measured KV cache of the timing batch.
     assert result.by_name("VTW K=1").kv_bytes < result.full.kv_bytes
 
@@ -243,6 +251,7 @@ def test_gated_checkpoint_gate_on_adapters_off_elsewhere(miniature, tmp_path, ru
             "shortv": [1],
             "gate": [0.5, 1.0],
             "vispruner_gate": [{"tokens": 16, "tau": 0.5}],
+            "fastv_gate": [{"layer": 1, "keep_ratio": 0.5, "tau": 0.5}],
         },
     )
     base_run = run["result"]
@@ -257,6 +266,7 @@ def test_gated_checkpoint_gate_on_adapters_off_elsewhere(miniature, tmp_path, ru
         "gate tau=1",
         "ShortV N=1",
         "VisPruner T=16 + gate tau=0.5",
+        "FastV K=1 keep=0.5 + gate tau=0.5",
     ]
     # Calibration, Layer Contribution and every non-gate strategy run on the base model (adapters off):
     # the same K, the same freezing order and the same answers as the run without a checkpoint.

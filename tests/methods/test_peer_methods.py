@@ -243,11 +243,8 @@ def test_fastv_batches_and_generate(family):
     controller.reduction = None
 
 
-def test_fastv_refuses_combination_and_bad_settings():
+def test_fastv_refuses_bad_settings():
     model, controller, _, batch = model_and_batch("llava")
-    with pytest.raises(ValueError, match="FastV cannot be combined"):
-        controller.reduction = Reduction(pruning=FastV(layer=2), exit_layer=3)
-    assert controller.reduction.is_full
     with pytest.raises(ValueError, match=">= 1"):
         FastV(layer=0)
     with pytest.raises(ValueError, match="keep_ratio"):

@@ -629,3 +629,33 @@ def test_next_reference_budget_equals_select_then_unpad():
     surviving.prepare(model, dict(inputs))
     assert sum(info.visual_tokens_after) < sum(surviving.last_info.visual_tokens_after)
     assert pruner.kept_visual_tokens() == info.visual_tokens_after
+
+
+def test_random_control_keeps_as_many_tokens_from_the_same_candidates_but_others():
+    """The control for the [CLS] ranking: same budget, same candidates, raster order, a seeded random choice."""
+    from vtw_train.methods.vispruner import RandomSelection
+
+    importance, features = torch.arange(20.0), torch.randn(20, 4)
+    candidates = torch.arange(20) % 3 != 0
+    a = RandomSelection(seed=5)(importance, features, 6, candidates=candidates)
+    b = RandomSelection(seed=5)(importance, features, 6, candidates=candidates)
+    assert a.kept.tolist() == b.kept.tolist() == sorted(a.kept.tolist()) and len(a.kept) == 6
+    assert bool(candidates[a.kept].all()) and a.num_candidates == int(candidates.sum())
+    ranked = select_visual_tokens(importance, features, 6, 1.0, candidates=candidates)
+    assert ranked.kept.tolist() != a.kept.tolist()  # the top-6 by importance are the last six candidates
+    assert len(RandomSelection(seed=5)(importance, features, 50).kept) == 20  # T above the count keeps all
+
+    model = tiny_llava()
+    inputs = _batch(model)
+    ranked_pruner, control = VisPruner(3), VisPruner(3, ranking="random", seed=1)
+    cls = ranked_pruner.prepare(model, inputs)
+    randomly = control.prepare(model, inputs)
+    assert torch.equal(
+        randomly["attention_mask"], cls["attention_mask"]
+    )  # the same number of tokens per image
+    assert control.kept_visual_tokens() == ranked_pruner.kept_visual_tokens()
+    chosen = [im.kept_index.tolist() for im in control.last_info.images]
+    assert chosen != [im.kept_index.tolist() for im in ranked_pruner.last_info.images]
+    assert "ranking='random'" in repr(control) and control.describe()["ranking"] == "random"
+    with pytest.raises(ValueError, match="ranking"):
+        VisPruner(3, ranking="attention")

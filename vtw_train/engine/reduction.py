@@ -110,7 +110,10 @@ class Reduction:
     frozen_layers: ShortV's layers, in which visual tokens serve as keys and values but get no
         update (prefill only; the cache keeps them).
     pruning: FastV's in-layer pruning (an :class:`InLayerPruning`, e.g.
-        ``vtw_train.methods.FastV``); not combinable with an exit.
+        ``vtw_train.methods.FastV``). With an exit or an exit rule, a sample keeps FastV's tokens
+        from FastV's layer until its exit (DyVTE's FastV variant); an exit at or before FastV's
+        layer makes the pruning moot for that sample. ShortV's frozen layers must come before
+        FastV's layer (they freeze the full set of visual tokens).
     input_pruner: VisPruner (an :class:`InputPruner`), applied to a batch before the model by
         the evaluation loop (:meth:`prepare_inputs`); the controller does not call it.
     """
@@ -178,10 +181,13 @@ class Reduction:
             raise WithdrawalError(
                 f"FastV layer {self.pruning.layer} is out of range: valid layers are [1, {num_layers - 1}]."
             )
-        if self.pruning is not None and self.withdraws:
+        late = sorted(
+            layer for layer in self.frozen_layers if self.pruning is not None and layer >= self.pruning.layer
+        )
+        if late:
             raise WithdrawalError(
-                "FastV cannot be combined with exit_layer or a gate in one forward (both reduce visual tokens "
-                "inside the decoder); use a Reduction with either pruning or an exit."
+                f"frozen_layers {late} come at or after FastV's layer {self.pruning.layer}: ShortV freezes the "
+                "full set of visual tokens, which FastV has pruned by then. Freeze only layers before FastV's."
             )
         return self
 

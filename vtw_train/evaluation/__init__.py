@@ -34,6 +34,8 @@ from .scoring import (
 from .settings import CalibrationSettings, GenerationSettings, TimingSettings
 from .strategies import (
     FAMILIES,
+    FastVExit,
+    FastVGate,
     FastVSetting,
     PrunedExit,
     PrunedGate,
@@ -45,6 +47,8 @@ from .strategies import (
 
 __all__ = [
     "FAMILIES",
+    "FastVExit",
+    "FastVGate",
     "Answers",
     "BudgetVerdict",
     "CalibrationSettings",

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FAMILIES",
+    "FastVExit",
+    "FastVGate",
     "FastVSetting",
     "PrunedExit",
     "PrunedGate",
@@ -40,11 +42,14 @@ FAMILIES = (
     "LoRA+VTW",
     "gate",
     "VisPruner",
+    "random tokens",
     "ShortV",
     "FastV",
     "VisPruner+VTW",
     "VisPruner+gate",
     "ShortV+VTW",
+    "FastV+VTW",
+    "FastV+gate",
 )
 
 
@@ -56,6 +61,31 @@ class FastVSetting:
     """FastV's layer K (scores come from layer K - 1)."""
     keep_ratio: float = 0.5
     """Share of each sample's visual tokens kept from layer K on."""
+
+
+@dataclass
+class FastVExit:
+    """FastV at its layer, then VTW withdraws the visual tokens FastV kept before layer K."""
+
+    layer: int
+    """FastV's layer (scores come from the layer before)."""
+    keep_ratio: float
+    """Share of each sample's visual tokens FastV keeps."""
+    exit_layer: int
+    """VTW's K (an exit at or before FastV's layer makes the pruning moot)."""
+
+
+@dataclass
+class FastVGate:
+    """FastV at its layer, then the learned gate decides when to withdraw what FastV kept (DyVTE's FastV
+    variant prunes at layer 1 to half the tokens, then gates)."""
+
+    layer: int
+    """FastV's layer."""
+    keep_ratio: float
+    """Share of each sample's visual tokens FastV keeps."""
+    tau: float
+    """The gate's threshold."""
 
 
 @dataclass
@@ -109,6 +139,9 @@ class StrategySweep:
     """Tokens T kept per image by VisPruner."""
     vispruner_important_ratio: float = 0.5
     """VisPruner's importance share r (the rest of T is chosen for diversity)."""
+    random_tokens: list[int] = field(default_factory=list)
+    """The control for VisPruner: T tokens per image kept at random (same budget and plumbing), so the
+    table shows what VisPruner's [CLS] ranking adds."""
     vispruner_budget: Literal["reference", "surviving"] = "reference"
     """LLaVA-NeXT crops: T among all of a crop's tokens, then unpadding (``reference``, VisPruner's own
     code: at most T reach the LLM), or T among the tokens unpadding keeps (``surviving``: exactly T)."""
@@ -122,6 +155,10 @@ class StrategySweep:
     """VisPruner then the gate."""
     shortv_vtw: list[ShortVExit] = field(default_factory=list)
     """ShortV below K, then VTW at K."""
+    fastv_vtw: list[FastVExit] = field(default_factory=list)
+    """FastV, then VTW at K."""
+    fastv_gate: list[FastVGate] = field(default_factory=list)
+    """FastV, then the gate (needs ``gated_checkpoint``)."""
 
     @property
     def needs_shortv(self) -> bool:
@@ -130,7 +167,7 @@ class StrategySweep:
 
     @property
     def needs_gate(self) -> bool:
-        return bool(self.gate or self.vispruner_gate)
+        return bool(self.gate or self.vispruner_gate or self.fastv_gate)
 
 
 @dataclass(frozen=True, eq=False)
@@ -204,7 +241,8 @@ def expand_strategies(
         open_low=False,
     )
     if sweep.needs_gate and gate is None:
-        key = "strategies.gate" if sweep.gate else "strategies.vispruner_gate"
+        key = next(k for k in ("gate", "vispruner_gate", "fastv_gate") if getattr(sweep, k))
+        key = f"strategies.{key}"
         raise ValueError(
             f"{key} needs a learned gate: set gated_checkpoint to a checkpoint exported by `vtw-train train`"
         )
@@ -291,6 +329,17 @@ def expand_strategies(
                 settings={"vispruner_tokens": t, "important_ratio": ratio},
             )
         )
+    for i, t in enumerate(sweep.random_tokens):
+        t = tokens(t, f"strategies.random_tokens[{i}]")
+        control = VisPruner(num_tokens=t, budget=sweep.vispruner_budget, ranking="random", seed=i)
+        out.append(
+            Strategy(
+                f"random T={t} (control)",
+                "random tokens",
+                Reduction(input_pruner=control),
+                settings={"random_tokens": t},
+            )
+        )
     for i, n in enumerate(sweep.shortv):
         n = _check_int(n, f"strategies.shortv[{i}]", 0, layers, "ShortV's frozen layer count N")
         layers_n = frozen(n)
@@ -349,6 +398,34 @@ def expand_strategies(
                 "ShortV+VTW",
                 Reduction(exit_layer=k, frozen_layers=layers_n),
                 settings={"exit_layer": k, "shortv_layers": n, "frozen_layers": sorted(layers_n)},
+            )
+        )
+    for i, c in enumerate(sweep.fastv_vtw):
+        key = f"strategies.fastv_vtw[{i}]"
+        f_k = _check_int(c.layer, f"{key}.layer", 1, layers - 1, "FastV's layer K")
+        keep = _check_unit(c.keep_ratio, f"{key}.keep_ratio", "FastV's keep ratio", open_low=False)
+        k = exit_k(c.exit_layer, f"{key}.exit_layer")
+        out.append(
+            Strategy(
+                f"FastV K={f_k} keep={keep:g} + VTW K={k}",
+                "FastV+VTW",
+                Reduction(pruning=FastV(layer=f_k, keep_ratio=keep), exit_layer=k),
+                settings={"fastv_layer": f_k, "fastv_keep_ratio": keep, "exit_layer": k},
+            )
+        )
+    for i, c in enumerate(sweep.fastv_gate):
+        key = f"strategies.fastv_gate[{i}]"
+        f_k = _check_int(c.layer, f"{key}.layer", 1, layers - 1, "FastV's layer K")
+        keep = _check_unit(c.keep_ratio, f"{key}.keep_ratio", "FastV's keep ratio", open_low=False)
+        g = tau(c.tau, f"{key}.tau")
+        assert gate is not None
+        out.append(
+            Strategy(
+                f"FastV K={f_k} keep={keep:g} + gate tau={g:g}",
+                "FastV+gate",
+                Reduction(pruning=FastV(layer=f_k, keep_ratio=keep), exit_rule=GateExitRule(gate, tau=g)),
+                adapters=True,
+                settings={"fastv_layer": f_k, "fastv_keep_ratio": keep, "gate_tau": g},
             )
         )
     _check_unique(out)

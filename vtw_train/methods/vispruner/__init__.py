@@ -10,6 +10,7 @@ per-family plumbing, ``prompt`` the input rewriting, ``pruner`` the facade.
 from .pruner import ImagePruning, PruneInfo, VisPruner, prune_visual_tokens
 from .selection import (
     DIVERSITY_STEP,
+    RandomSelection,
     TokenSelection,
     cls_attention_importance,
     received_attention_importance,
@@ -20,6 +21,7 @@ __all__ = [
     "DIVERSITY_STEP",
     "ImagePruning",
     "PruneInfo",
+    "RandomSelection",
     "TokenSelection",
     "VisPruner",
     "cls_attention_importance",

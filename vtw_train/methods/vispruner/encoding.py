@@ -128,7 +128,13 @@ def _warn_no_pruning(notes: list[str], num_tokens: int, count: int, what: str) -
 
 
 def _encode_llava(
-    model: Any, inputs: Mapping[str, Any], num_tokens: int, ratio: float, notes: list[str], budget: str
+    model: Any,
+    inputs: Mapping[str, Any],
+    num_tokens: int,
+    ratio: float,
+    notes: list[str],
+    budget: str,
+    select: Any = select_visual_tokens,
 ):
     base, config = model.model, model.config
     out = base.get_image_features(
@@ -143,13 +149,19 @@ def _encode_llava(
     for i, feats in enumerate(pooled):
         if num_tokens > feats.shape[0]:
             _warn_no_pruning(notes, num_tokens, feats.shape[0], "an image")
-        sel = select_visual_tokens(importance[i], features[i], num_tokens, ratio)
+        sel = select(importance[i], features[i], num_tokens, ratio)
         enc.add(feats, sel.kept, [sel], [importance[i]])
     return enc
 
 
 def _encode_llava_next(
-    model: Any, inputs: Mapping[str, Any], num_tokens: int, ratio: float, notes: list[str], budget: str
+    model: Any,
+    inputs: Mapping[str, Any],
+    num_tokens: int,
+    ratio: float,
+    notes: list[str],
+    budget: str,
+    select: Any = select_visual_tokens,
 ):
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
@@ -203,7 +215,7 @@ def _encode_llava_next(
             # "reference": T among all of the crop's tokens, then unpadding drops some (at most T kept, as
             # VisPruner's code does); "surviving": T among the tokens that survive unpadding (exactly T).
             pool = survives[c] if budget == "surviving" else None
-            sel = select_visual_tokens(importance[c], features[c], num_tokens, ratio, candidates=pool)
+            sel = select(importance[c], features[c], num_tokens, ratio, candidates=pool)
             keep_ids[c * patches + sel.kept] = True
             sels.append(sel)
             imps.append(importance[c])
@@ -220,7 +232,13 @@ def _encode_llava_next(
 
 
 def _encode_qwen2_vl(
-    model: Any, inputs: Mapping[str, Any], num_tokens: int, ratio: float, notes: list[str], budget: str
+    model: Any,
+    inputs: Mapping[str, Any],
+    num_tokens: int,
+    ratio: float,
+    notes: list[str],
+    budget: str,
+    select: Any = select_visual_tokens,
 ):
     base = model.model
     visual = base.visual
@@ -256,7 +274,7 @@ def _encode_qwen2_vl(
             )
         if num_tokens > feats.shape[0]:
             _warn_no_pruning(notes, num_tokens, feats.shape[0], "an image")
-        sel = select_visual_tokens(importance[i], feats.detach(), num_tokens, ratio)
+        sel = select(importance[i], feats.detach(), num_tokens, ratio)
         enc.add(feats, sel.kept, [sel], [importance[i]])
     return enc
 

@@ -44,7 +44,15 @@ from .prompt import (
     repack,
     repack_positions,
 )
-from .selection import DIVERSITY_STEP, TokenSelection, budgets, check_num_tokens, check_ratio
+from .selection import (
+    DIVERSITY_STEP,
+    RandomSelection,
+    TokenSelection,
+    budgets,
+    check_num_tokens,
+    check_ratio,
+    select_visual_tokens,
+)
 
 #: LLaVA-NeXT crops: ``reference`` picks T among all of a crop's tokens, then unpadding drops some (at
 #: most T kept, VisPruner's own behaviour); ``surviving`` picks T among the tokens unpadding keeps.
@@ -106,6 +114,7 @@ def prune_visual_tokens(
     *,
     budget: NextBudget = "reference",
     return_info: bool = False,
+    select: Any = None,
 ) -> dict[str, Any] | tuple[dict[str, Any], PruneInfo]:
     """Model inputs in which every image keeps at most ``num_tokens`` visual tokens (VisPruner).
 
@@ -116,6 +125,8 @@ def prune_visual_tokens(
     placeholder run is shortened to its kept count. Keys that are not model tensors (e.g. a
     collator's ``answers``) pass through unchanged. With ``return_info=True`` a :class:`PruneInfo`
     comes along. Grad mode is the caller's: under autograd the kept features stay differentiable.
+    ``select`` replaces VisPruner's choice per image (default :func:`select_visual_tokens`; e.g. a
+    :class:`RandomSelection` control).
     """
     num_tokens = check_num_tokens(num_tokens)
     important_ratio = check_ratio(important_ratio)
@@ -145,7 +156,9 @@ def prune_visual_tokens(
 
     if budget not in ("reference", "surviving"):
         raise ValueError(f"budget must be 'reference' or 'surviving', got {budget!r}")
-    enc = ENCODERS[model_type](model, inputs, num_tokens, important_ratio, notes, budget)
+    enc = ENCODERS[model_type](
+        model, inputs, num_tokens, important_ratio, notes, budget, select=select or select_visual_tokens
+    )
     owners, slots = assign_images(is_image, valid, enc.original)
 
     keep = valid & ~is_image
@@ -201,19 +214,30 @@ class VisPruner:
     ``num_tokens`` (T) is the number of visual tokens kept per image (per crop on LLaVA-NeXT, where
     image-newline tokens come on top); ``important_ratio`` (r) the share of T chosen by [CLS]
     importance, the rest by diversity. The paper's settings are T in {128, 64, 32} with r = 0.5.
-    ``last_info`` holds the :class:`PruneInfo` of the latest ``prepare`` call.
+    ``last_info`` holds the :class:`PruneInfo` of the latest ``prepare`` call. ``ranking="random"``
+    keeps T tokens drawn at random instead (seeded by ``seed``): the control that shows what the
+    [CLS] ranking is worth.
     """
 
     name = "vispruner"
 
     def __init__(
-        self, num_tokens: int, important_ratio: float = 0.5, budget: NextBudget = "reference"
+        self,
+        num_tokens: int,
+        important_ratio: float = 0.5,
+        budget: NextBudget = "reference",
+        ranking: Literal["cls", "random"] = "cls",
+        seed: int = 0,
     ) -> None:
         self.num_tokens = check_num_tokens(num_tokens)
         self.important_ratio = check_ratio(important_ratio)
         if budget not in ("reference", "surviving"):
             raise ValueError(f"VisPruner budget must be 'reference' or 'surviving', got {budget!r}")
+        if ranking not in ("cls", "random"):
+            raise ValueError(f"VisPruner ranking must be 'cls' or 'random', got {ranking!r}")
         self.budget = budget
+        self.ranking = ranking
+        self._select = select_visual_tokens if ranking == "cls" else RandomSelection(seed)
         self.last_info: PruneInfo | None = None
 
     @property
@@ -226,7 +250,13 @@ class VisPruner:
 
     def prepare(self, model: Any, inputs: Mapping[str, Any]) -> dict[str, Any]:
         new_inputs, info = prune_visual_tokens(
-            model, inputs, self.num_tokens, self.important_ratio, budget=self.budget, return_info=True
+            model,
+            inputs,
+            self.num_tokens,
+            self.important_ratio,
+            budget=self.budget,
+            return_info=True,
+            select=self._select,
         )
         self.last_info = info
         return new_inputs
@@ -263,9 +293,13 @@ class VisPruner:
             "diverse_tokens": self.diverse_tokens,
             "diversity_step": DIVERSITY_STEP,
             "budget": self.budget,
+            "ranking": self.ranking,
             "scope": "per image; per crop on LLaVA-NeXT (newline tokens kept); after the merger on Qwen2-VL",
             "positions": "compacted (LLaVA, LLaVA-NeXT); original M-RoPE ids of kept tokens (Qwen2-VL)",
         }
 
     def __repr__(self) -> str:
-        return f"VisPruner(num_tokens={self.num_tokens}, important_ratio={self.important_ratio}, budget={self.budget!r})"
+        return (
+            f"VisPruner(num_tokens={self.num_tokens}, important_ratio={self.important_ratio}, budget={self.budget!r}, "
+            f"ranking={self.ranking!r})"
+        )

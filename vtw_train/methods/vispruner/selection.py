@@ -141,6 +141,31 @@ def _drop_near_duplicates(residual: torch.Tensor, normed: torch.Tensor, target: 
     return residual
 
 
+class RandomSelection:
+    """The control for VisPruner's ranking: T tokens per image drawn uniformly at random (seeded), from the
+    same candidates, kept in raster order, everything else as VisPruner does it. If VisPruner does not
+    beat this, its [CLS] ranking is not what keeps the answers right."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(
+        self,
+        importance: torch.Tensor,
+        features: torch.Tensor,
+        num_tokens: int,
+        important_ratio: float = 0.5,
+        *,
+        candidates: torch.Tensor | None = None,
+    ) -> TokenSelection:
+        pool = torch.arange(importance.shape[0])
+        if candidates is not None:
+            pool = pool[candidates.cpu().bool()]
+        chosen = pool[torch.randperm(pool.numel(), generator=self.generator)[: min(num_tokens, pool.numel())]]
+        kept = torch.sort(chosen).values.to(importance.device)
+        return TokenSelection(kept=kept, important=kept[:0], diverse=kept, num_candidates=pool.numel())
+
+
 @torch.no_grad()
 def select_visual_tokens(
     importance: torch.Tensor,
