@@ -146,6 +146,16 @@ def test_config_rejects_unknown_question_types_at_load(tmp_path):
     assert load_config(path).train.curriculum[1].type_weights == {"size": 1, "same_size": 1}
 
 
+def test_config_refuses_more_than_one_data_worker_at_load(tmp_path):
+    """Two workers would each draw from a copy of the one generator stream: refused when read."""
+    cfg = yaml.safe_load(open("configs/toy/toy_vlm.yaml"))
+    cfg["train"]["data_workers"] = 2
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match=r"train\.data_workers must be 0 or 1.*got 2"):
+        load_config(path)
+
+
 def test_lr_schedule_shape():
     cfg = load_config("configs/toy/toy_vlm.yaml").train
     f = [lr_factor(s, cfg) for s in range(cfg.steps)]
@@ -210,7 +220,7 @@ def test_training_is_deterministic_for_a_seed_and_saves_a_finished_model(tmp_pat
     assert any(not torch.equal(fresh[k], v) for k, v in tower.items())
 
 
-def _split_cfg(steps: int = 4):
+def _split_cfg(steps: int = 4, data_workers: int = 1):
     from vtw_train.toy.build import miniature_arch
     from vtw_train.toy.config import PhaseConfig, ToyBuildConfig, TrainConfig
     from vtw_train.toy.vision_pretrain import VisionPretrainConfig
@@ -224,6 +234,7 @@ def _split_cfg(steps: int = 4):
             questions_per_image=2,
             warmup_steps=1,
             flat_fraction=0.25,
+            data_workers=data_workers,
             eval_every=2,
             eval_samples=8,
             checkpoint_every=100,
@@ -242,13 +253,15 @@ def _monitor_records(path):
 
 def test_a_build_split_by_stop_after_and_resume_equals_the_uninterrupted_build(tmp_path):
     """Stopping mid-run (mid-schedule, at a phase change) and resuming gives bit-identical
-    weights and the same monitor log: the optimizer, schedule and generator state all travel."""
+    weights and the same monitor log: the optimizer, schedule and generator state all travel.
+    The uninterrupted build prepares its batches in the training process, the split one in a
+    background worker: the stream and the weights do not depend on it."""
     from safetensors.torch import load_file
 
     from vtw_train.toy.train import TRAINER_STATE, train
 
     cfg = _split_cfg()
-    whole = train(cfg, tmp_path / "whole", tmp_path / "whole.jsonl")
+    whole = train(_split_cfg(data_workers=0), tmp_path / "whole", tmp_path / "whole.jsonl")
     train(cfg, tmp_path / "split", tmp_path / "split.jsonl", stop_after=2)
     assert (tmp_path / "split" / TRAINER_STATE).is_file()
     assert json.loads((tmp_path / "split" / "training_info.json").read_text())["step"] == 2

@@ -3,6 +3,7 @@
     vtw-train eval-toy                              # committed model, 700 held-out samples
     vtw-train eval-toy --noise true --blank true    # also with noise / blank images instead
     vtw-train eval-toy --exit_sweep true            # also accuracy at every fixed exit layer K
+    vtw-train eval-toy --vispruner "[32, 16]"       # also VisPruner at T and T random tokens (control)
 
 The held-out seed (default 999) is never used in training (training draws from ``train.seed``,
 monitoring from ``train.eval_seed``).
@@ -14,7 +15,7 @@ import json
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,9 @@ class EvalToyRun:
     """Also accuracy per type at every fixed exit layer K and the KL calibration curve."""
     calib_samples: int = 256
     """Samples for the KL curve of the exit sweep."""
+    vispruner: list[int] = field(default_factory=list)
+    """Also VisPruner keeping T of the image's tokens, for each T, next to T tokens kept at random (the control
+    that shows what the [CLS] ranking is worth)."""
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -91,11 +95,40 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     print(f"eval time {time.time() - t0:.0f}s")
     out["visual_token_share"] = share
+    if args.vispruner:
+        out["vispruner"] = vispruner_control(model, processor, records, args, out["accuracy"]["overall"])
     if args.exit_sweep:
         out["exit_sweep"] = exit_sweep(model, processor, records, args)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return out
+
+
+def vispruner_control(model, processor, records, args: EvalToyRun, full: float) -> dict[str, Any]:
+    """Accuracy per question type with VisPruner at each T and with T random tokens, as shares of the full model."""
+    from ..engine import Reduction
+    from ..evaluation import evaluate_exact_match
+    from ..methods import VisPruner
+
+    results: dict[str, Any] = {}
+    for t in args.vispruner:
+        for name, pruner in (
+            (f"VisPruner T={t}", VisPruner(t)),
+            (f"random T={t}", VisPruner(t, ranking="random")),
+        ):
+            with _bar(len(records), name) as bar:
+                r = evaluate_exact_match(
+                    model, processor, records, batch_size=args.batch_size, progress=bar.update,
+                    reduction=Reduction(input_pruner=pruner),
+                )  # fmt: skip
+            results[name] = r.per_type | {"overall": r.overall, "of_full": r.overall / full if full else 0.0}
+    types = sorted(k for k in next(iter(results.values())) if k not in ("overall", "of_full"))
+    print("\n| tokens kept | " + " | ".join(types) + " | overall | of full |")
+    print("|---|" + "---|" * (len(types) + 2))
+    for name, accs in results.items():
+        cells = " | ".join(f"{accs[t]:.3f}" for t in types)
+        print(f"| {name} | {cells} | {accs['overall']:.3f} | {accs['of_full']:.1%} |")
+    return results
 
 
 def exit_sweep(model, processor, records, args: EvalToyRun) -> dict[str, Any]:
@@ -111,14 +144,14 @@ def exit_sweep(model, processor, records, args: EvalToyRun) -> dict[str, Any]:
     bs = 32
     n_cal = (len(calib_recs) // bs) * bs
     batches = calibration_batches(processor, calib_recs, bs, mode="generate")
-    record = calibrate(model, batches, CalibrationConfig(num_samples=n_cal, threshold=0.003))
+    record = calibrate(model, batches, CalibrationConfig(num_samples=n_cal))  # the model's own eta
     with _bar(len(records) * (attach(model).num_layers + 1), "exit sweep") as bar:
         sweep = exit_layer_sweep(model, processor, records, batch_size=args.batch_size, progress=bar.update)
     by_k = {k: r.per_type | {"overall": r.overall} for k, r in sweep.items()}
     types = sorted(next(iter(by_k.values())))
     print(f"\nKL(P_K || P_full), first answer token, {n_cal} calibration samples (seed {args.seed + 7}):")
     print("  " + "  ".join(f"K={k}: {v:.4f}" for k, v in record.kl_curve.items()))
-    print(f"  calibrated K at eta=0.003: {record.exit_layer}")
+    print(f"  calibrated K at eta={record.threshold:g} ({record.threshold_source}): {record.exit_layer}")
     print("\n| K | " + " | ".join(types) + " |")
     print("|---|" + "---|" * len(types))
     for k, accs in by_k.items():

@@ -55,6 +55,10 @@ class TrainConfig:
     """Gradient norm clip."""
     threads: int = 1
     """torch threads for the build (the committed weights depend on it: keep it to reproduce them)."""
+    data_workers: int = 1
+    """Processes that generate and collate the next batches while the model trains (0: the training
+    process does it between steps). Batches and weights do not depend on it. At most 1: the
+    batches come from one ordered generator stream."""
     eval_every: int = 500
     """Steps between monitor evaluations."""
     eval_samples: int = 700
@@ -67,6 +71,11 @@ class TrainConfig:
     """Curriculum phases, in order; after the last one the default question mix is drawn."""
 
     def __post_init__(self) -> None:
+        if self.data_workers not in (0, 1):
+            raise ValueError(
+                f"train.data_workers must be 0 or 1 (the batches come from one ordered generator stream), "
+                f"got {self.data_workers}"
+            )
         # A misspelt type would otherwise fail only when its phase starts, deep into a build.
         for i, phase in enumerate(self.curriculum):
             unknown = sorted(set(phase.type_weights) - set(KNOWN_QUESTION_TYPES))

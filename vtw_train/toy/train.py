@@ -31,6 +31,44 @@ from vtw_train.toy.config import ToyBuildConfig, config_from_checkpoint
 from vtw_train.toy.vision_pretrain import pretrain_vision_tower
 
 
+class TrainingBatches(torch.utils.data.IterableDataset):
+    """The training batches of steps ``[first, last)``, in order, from the run's seeded generator.
+
+    Each item is ``(step, batch, generator_state_after_it)``: a checkpoint after that step stores
+    the state, so a resumed run draws the same next batch. Run in a ``DataLoader`` worker, the
+    next batches are prepared while the model trains; the stream is the same either way.
+    """
+
+    def __init__(self, cfg: ToyBuildConfig, rng_state: tuple, first: int, last: int) -> None:
+        super().__init__()
+        self.cfg, self.rng_state, self.first, self.last = cfg, rng_state, first, last
+
+    def __iter__(self):
+        tc = self.cfg.train
+        processor = build_processor(self.cfg.arch)
+        n_vis = (self.cfg.arch.image_size // self.cfg.arch.patch_size) ** 2
+        collate = VLMCollator(processor, "train", expected_image_tokens=n_vis)
+        rng = random.Random()
+        rng.setstate(self.rng_state)
+        for step in range(self.first, self.last):
+            phase = phase_at(step, tc)
+            recs = [
+                from_conversation(generate_conversation(rng, tc.questions_per_image, **phase))
+                for _ in range(tc.batch_size)
+            ]
+            yield step, collate(recs), rng.getstate()
+
+
+def training_batches(cfg: ToyBuildConfig, rng_state: tuple, first: int, last: int):
+    """Iterate :class:`TrainingBatches`, in ``train.data_workers`` background processes (0: here)."""
+    batches = TrainingBatches(cfg, rng_state, first, last)
+    workers = cfg.train.data_workers
+    if workers == 0:
+        return iter(batches)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=1, prefetch_factor=4)
+    return iter(loader)
+
+
 def lr_factor(step: int, cfg) -> float:
     """Linear warmup, flat for ``flat_fraction`` of the run, then cosine to ``min_lr_ratio``."""
     if step < cfg.warmup_steps:
@@ -249,13 +287,11 @@ def train(
         initial=first_step,
         total=tc.steps,
     )
+    stream = training_batches(cfg, rng.getstate(), first_step, last_step)
     for step in bar:
-        phase = phase_at(step, tc)
-        recs = [
-            from_conversation(generate_conversation(rng, tc.questions_per_image, **phase))
-            for _ in range(tc.batch_size)
-        ]
-        batch = collate(recs)
+        produced, batch, (version, internal, gauss) = next(stream)  # a worker hands tuples back as lists
+        assert produced == step, f"batch of step {produced} arrived at step {step}"
+        rng_state = (version, tuple(internal), gauss)
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -281,7 +317,7 @@ def train(
                     "step": step + 1,
                     "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(),
-                    "python_rng": rng.getstate(),
+                    "python_rng": rng_state,
                     "torch_rng": torch.get_rng_state(),
                     "loss_ema": ema,
                     "monitor_accuracy": acc,
