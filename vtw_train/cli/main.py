@@ -40,6 +40,8 @@ def command(name: str) -> Callable[[Sequence[str] | None], Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> Any:
+    """Run ``argv``'s command and return what it returns; from the shell (``argv`` None) return
+    None, since the console script passes the value to ``sys.exit`` (a value there means failure)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
         print(usage())
@@ -50,7 +52,8 @@ def main(argv: Sequence[str] | None = None) -> Any:
         raise SystemExit(2)
     if argv is None:  # from the shell: the command reads sys.argv itself, as LightningCLI expects
         sys.argv = [f"vtw-train {name}", *rest]
-        return run_command(name, None)
+        run_command(name, None)
+        return None
     return command(name)(rest)
 
 
