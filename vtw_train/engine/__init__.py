@@ -5,7 +5,7 @@ time. The engine imports no method: methods plug in through :class:`InLayerPruni
 :class:`InputPruner` and :data:`ExitRule`.
 """
 
-from .cache import ExitState, WithdrawalCache
+from .cache import ExitState, WithdrawalCache, kv_bytes
 from .controller import ExitController, attach, controller_of
 from .families import supported_model_classes
 from .layout import TextLayout, build_text_layout
@@ -24,5 +24,6 @@ __all__ = [
     "attach",
     "build_text_layout",
     "controller_of",
+    "kv_bytes",
     "supported_model_classes",
 ]
