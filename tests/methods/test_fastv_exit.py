@@ -54,7 +54,8 @@ def _reference(model, sample, k, fastv=FASTV):
     return reference_logits(model, sample, k, prune=(fastv.layer, _choose(fastv)))[0][0]
 
 
-def _text_logits(model, batch, row):
+def _text_positions(model, batch, row):
+    """Real (not padding) non-visual positions of one row: where the logits are compared."""
     ids = batch["input_ids"][row]
     real = batch["attention_mask"][row].bool()
     return ~visual_token_mask(model, ids) & real
@@ -72,13 +73,13 @@ def test_fastv_then_per_sample_exits_equals_the_reference(family):
     assert controller.last_exit_layers.tolist() == EXITS
     for b, sample in enumerate(samples):
         want = _reference(model, sample, EXITS[b])
-        assert_close(logits[b][_text_logits(model, batch, b)], want, atol=2e-5, rtol=1e-5)
+        assert_close(logits[b][_text_positions(model, batch, b)], want, atol=2e-5, rtol=1e-5)
 
     # The composition is not one of its parts: FastV alone and the exit alone give other logits.
     b = 0  # exits after FastV
     fastv_only = _reference(model, samples[b], None)
     exit_only = reference_logits(model, samples[b], EXITS[b])[0][0]
-    got = logits[b][_text_logits(model, batch, b)]
+    got = logits[b][_text_positions(model, batch, b)]
     assert (got - fastv_only).abs().max() > 1e-4 and (got - exit_only).abs().max() > 1e-4
 
 
@@ -92,7 +93,10 @@ def test_fastv_then_a_fixed_exit_equals_the_reference_and_keeps_three_streams_in
         out = model(**batch, use_cache=True)
     for b, sample in enumerate(samples):
         assert_close(
-            out.logits[b][_text_logits(model, batch, b)], _reference(model, sample, 3), atol=2e-5, rtol=1e-5
+            out.logits[b][_text_positions(model, batch, b)],
+            _reference(model, sample, 3),
+            atol=2e-5,
+            rtol=1e-5,
         )
     state = out.past_key_values.exit_state
     assert state.layer_streams == ["full", "full", REDUCED, TEXT]
@@ -166,7 +170,7 @@ def test_the_gate_after_fastv_decides_as_it_does_alone_and_matches_the_reference
         if alone is not None:
             assert alone.tolist() == [exits[b]], f"row {b} decides differently alone"
         assert_close(
-            logits[b][_text_logits(model, batch, b)],
+            logits[b][_text_positions(model, batch, b)],
             _reference(model, sample, exits[b]),
             atol=2e-5,
             rtol=1e-5,
