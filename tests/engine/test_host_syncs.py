@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from graph_emulator import SYNCING, TraceReplay
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import vtw_train
@@ -18,10 +19,6 @@ from vtw_train.engine import Reduction
 from vtw_train.gate import ExitGate, GateConfig, GateExitRule
 from vtw_train.methods import FastV
 from vtw_train.tiny_models import tiny_inputs, tiny_model
-
-#: aten operations whose result size or value the host must read from the device.
-SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "unique_dim",
-           "unique_consecutive", "argwhere", "repeat_interleave"}  # fmt: skip
 
 
 class HostReads(TorchDispatchMode):
@@ -73,7 +70,7 @@ REDUCTIONS = {
 }
 
 
-def host_reads(reads: HostReads, num_layers: int, reduction) -> tuple[int, int]:
+def host_reads(reads: HostReads, num_layers: int, reduction, graphs: bool = False) -> tuple[int, int]:
     model = tiny_model("llava", num_layers=num_layers)
     inputs = tiny_inputs(model, batch_size=3, seed=1)
     reads.count = 0
@@ -82,6 +79,10 @@ def host_reads(reads: HostReads, num_layers: int, reduction) -> tuple[int, int]:
     stock = reads.count
     controller = vtw_train.attach(model)
     controller.reduction = reduction(num_layers)
+    if graphs:  # recorded on the first call, replayed on the counted one
+        controller.enable_graphs(capture=TraceReplay)
+        with torch.no_grad():
+            model(**inputs)
     reads.count = 0
     with torch.no_grad(), reads:
         model(**inputs)
@@ -98,6 +99,14 @@ def test_a_prefill_reads_the_device_at_most_twice_more_than_stock_at_any_depth(r
     assert deep == shallow and deep_stock == shallow_stock, (
         f"{name}: the reads grow with depth ({shallow} -> {deep})"
     )
+
+
+@pytest.mark.parametrize("name", ["nothing withdrawn", "fixed K", "K per sample", "FastV", "ShortV + K"])
+def test_a_graph_replayed_prefill_reads_the_device_at_most_twice_more_than_stock(reads, name):
+    reduction = REDUCTIONS.get(name, lambda L: Reduction())
+    shallow_stock, shallow = host_reads(reads, 4, reduction, graphs=True)
+    _, deep = host_reads(reads, 8, reduction, graphs=True)
+    assert shallow - shallow_stock <= 2 and deep == shallow, f"{name}: {shallow_stock} -> {shallow}, {deep}"
 
 
 def test_an_unlagged_gate_reads_every_decision_at_once(reads):

@@ -19,6 +19,7 @@ from ..adapters import base_model_of
 from ..errors import WithdrawalError
 from .families import FamilyAdapter, adapter_for
 from .forward import WithdrawalForward
+from .graphs import Capture, GraphSettings, SegmentGraphs
 from .reduction import FULL, ExitLayer, Reduction
 
 _ATTR = "_vtw_controller"
@@ -45,6 +46,7 @@ class ExitController:
         self._hooks: list[Any] = []
         self._installed = False
         self._generate_depth = 0
+        self._graphs: SegmentGraphs | None = None
 
     # ------------------------------------------------------------------ public
     @property
@@ -93,6 +95,34 @@ class ExitController:
         finally:
             self._reduction = previous
 
+    @property
+    def graphs(self) -> SegmentGraphs | None:
+        """The graph recorder of graph-captured prefill (None: off). Its ``stats`` say what it did."""
+        return self._graphs
+
+    def enable_graphs(
+        self, settings: GraphSettings | None = None, *, capture: Capture | None = None
+    ) -> SegmentGraphs:
+        """Record prefill segments as CUDA graphs and replay them (opt-in; results equal the eager path's).
+
+        Pays off where launches, not the GPU, bound the prefill: batch 1 to a few rows on a large GPU.
+        Applies under ``torch.no_grad()`` / ``inference_mode()`` with the model in eval mode, to prompts
+        with visual tokens, under any reduction except an exit rule (the gate decides between layers, so
+        it stays layer by layer). Elsewhere, and on a CPU, prefill runs eagerly as before. A graph is
+        recorded per segment and shape on first use (a few eager runs, then one capture), so time a
+        warm model. ``capture`` replaces the CUDA recorder (tests use a CPU stand-in).
+        """
+        if self._graphs is not None:
+            self._graphs.clear()
+        self._graphs = SegmentGraphs(settings, capture=capture)
+        return self._graphs
+
+    def disable_graphs(self) -> None:
+        """Back to eager prefill everywhere, releasing every recorded graph."""
+        if self._graphs is not None:
+            self._graphs.clear()
+        self._graphs = None
+
     def visual_positions(
         self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None = None
     ) -> torch.Tensor | None:
@@ -103,6 +133,7 @@ class ExitController:
         """Restore the original model: the stock decoder forward, no hooks, no controller."""
         if not self._installed:
             return
+        self.disable_graphs()
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()

@@ -21,6 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from ..errors import WithdrawalError
 from .cache import FULL, MIXED, REDUCED, TEXT, ExitState, WithdrawalCache
 from .frozen import frozen_layer_forward
+from .graphs import SegmentGraphs, segment_inputs_are_tensors
 from .grouped import GroupedLayer, KVGroup, device_index, group_masks, grouped_attention_for
 from .layout import TextLayout, build_text_layout
 
@@ -50,6 +51,11 @@ class Steering(Protocol):
 
     def record_exits(self, exits: torch.Tensor | None) -> None:
         """Remember where each sample of the last prefill exited."""
+        ...
+
+    @property
+    def graphs(self) -> SegmentGraphs | None:
+        """The graph recorder when graph-captured prefill is on (None: off)."""
         ...
 
 
@@ -158,6 +164,19 @@ class _LaggedDecisions:
             fired += [row for row, f in zip(rows, values, strict=True) if f]
         self._pending = keep
         return fired
+
+
+def _put_layer(cache: Any, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Make a segment's keys and values the prefill cache of ``layer_idx`` (no copy: they are fresh tensors)."""
+    if cache is None:
+        return
+    while len(cache.layers) <= layer_idx:
+        cache.layers.append(DynamicLayer())
+    layer = cache.layers[layer_idx]
+    if isinstance(layer, GroupedLayer) or (layer.is_initialized and layer.keys.numel()):
+        raise WithdrawalError(f"Layer {layer_idx} of the cache is not empty at prefill; pass an empty cache.")
+    layer.lazy_initialization(keys, values)
+    layer.keys, layer.values = keys, values
 
 
 def _read(host: torch.Tensor) -> list[bool]:
@@ -283,7 +302,8 @@ class WithdrawalForward:
         prefill = past_key_values is None or past_key_values.get_seq_length() == 0
         controller = self.controller
         reduction = controller.reduction
-        if not prefill or visual is None or reduction.is_full:
+        graphs = controller.graphs
+        if not prefill or visual is None or (reduction.is_full and graphs is None):
             if prefill and visual is not None:
                 controller.record_exits(None)
             return self.original(**call)
@@ -301,9 +321,13 @@ class WithdrawalForward:
         reduces = reduction.exit_rule is not None or reduction.frozen_layers or pruning is not None
         reduces = reduces or any(k < controller.num_layers for k in plan.exits)
         if not any(plan.n_visual) or not reduces:
-            # Nothing is withdrawn (no visual token, or K = L for everyone): the stock forward, each K on record.
-            controller.record_exits(recorded if any(plan.n_visual) else None)
-            return self.original(**call)
+            # Nothing is withdrawn (no visual token, or K = L for everyone): the stock forward, each K on record;
+            # or, with graphs on, the same layers as one recorded segment and a plain cache.
+            controller.record_exits(recorded if any(plan.n_visual) and not reduction.is_full else None)
+            device = visual.device
+            if graphs is None or not any(plan.n_visual) or not self._capturing(graphs, batch, device, kwargs):
+                return self.original(**call)
+            return self._prefill(visual=visual, plan=plan, reduction=reduction, stock=True, **call)
         return self._prefill(visual=visual, plan=plan, reduction=reduction, **call)
 
     # ------------------------------------------------------------------ shared helpers
@@ -386,6 +410,7 @@ class WithdrawalForward:
         visual: torch.Tensor,
         plan: _Plan,
         reduction: Reduction,
+        stock: bool = False,
         input_ids,
         attention_mask,
         position_ids,
@@ -467,8 +492,13 @@ class WithdrawalForward:
         fastv = reduction.pruning
         previous_input = None
         streams: list[str] = []  # what each layer's cache holds, for decoding
+        graphs = self._graphs_for(ctx, dynamic)
+        # Segments end where a group changes: at an exit, around FastV's layer and around frozen layers.
+        ends = {k for k in plan.exits if 0 < k < num_layers} | {e for f in ctx.frozen for e in (f, f + 1)}
+        ends |= set() if fastv is None else {fastv.layer - 1, fastv.layer}
 
-        for layer_idx in range(num_layers):
+        layer_idx = 0
+        while layer_idx < num_layers:
             if fastv is not None and layer_idx == fastv.layer and len(full):
                 full, reduced = self._prune(full, previous_input, fastv, ctx)
             if decisions is not None and layer_idx > 0 and len(full):
@@ -485,10 +515,16 @@ class WithdrawalForward:
             if fastv is not None and layer_idx == fastv.layer - 1:
                 previous_input = full.hidden  # FastV ranks with this layer's input, after this layer's moves
 
+            if graphs is not None and not (layer_idx in ctx.frozen and len(full) and reduced is None):
+                stop = min((e for e in ends if e > layer_idx), default=num_layers)
+                streams += self._run_segment(layer_idx, stop, full, text, reduced, ctx, cache, graphs)
+                layer_idx = stop
+                continue
             if not len(text) or not len(full):
                 group, stream = (full, reduced) if len(full) else (text, ctx.text)
                 group.hidden = self._run_group(layer_idx, group, stream, ctx, cache)
                 streams.append(FULL if stream is None else stream.name)
+                layer_idx += 1
                 continue
             captures = (_CaptureKV(), _CaptureKV()) if cache is not None else (None, None)
             full.hidden = self._run_group(layer_idx, full, reduced, ctx, captures[0])
@@ -496,6 +532,7 @@ class WithdrawalForward:
             if cache is not None:
                 self._store_grouped(cache, layer_idx, captures, full, text, reduced, ctx)
             streams.append(MIXED)
+            layer_idx += 1
 
         hidden = inputs_embeds.new_zeros(inputs_embeds.shape)
         if len(full):
@@ -507,6 +544,8 @@ class WithdrawalForward:
             hidden = ctx.text.layout.scatter(text.hidden, hidden, text.index)
         hidden = self.lm.norm(hidden)
 
+        if stock:  # nothing withdrawn (graphs on): a plain cache, decoded by the stock forward
+            return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache)
         exit_tensor = torch.tensor(exits).to(device, non_blocking=True)
         # FastV alone prunes, it does not exit: no exit layers on record then.
         controller.record_exits(None if fastv is not None and not reduction.withdraws else exit_tensor)
@@ -600,7 +639,6 @@ class WithdrawalForward:
     ) -> torch.Tensor:
         """Run one layer for one group, in the full stream (``stream`` None) or in a re-padded stream."""
         rows = group.index
-        whole = len(group) == ctx.batch and group.rows == list(range(ctx.batch))
         if stream is None and layer_idx in ctx.frozen:
             padding = None if ctx.padding is None else ctx.padding[rows]
             layout = ctx.text.layout.select(rows, ctx.text.width(ctx.plan, group.rows))
@@ -617,17 +655,112 @@ class WithdrawalForward:
                 ctx.kwargs,
                 layout=layout,
             )
+        mask, c, s, pos = self._group_inputs(group, stream, ctx)
+        return self._run_layer(layer_idx, group.hidden, mask, c, s, pos, cache, ctx.use_cache, ctx.kwargs)
+
+    @staticmethod
+    def _group_inputs(group: _Group, stream: _Stream | None, ctx: _Prefill):
+        """Mask, rotary tables and position ids of one group's rows in its stream."""
+        rows = group.index
+        whole = len(group) == ctx.batch and group.rows == list(range(ctx.batch))
         if stream is None:
             mask = ctx.full_mask if whole or ctx.full_mask is None else ctx.full_mask[rows]
             c, s = (ctx.cos, ctx.sin) if whole else (ctx.cos[rows], ctx.sin[rows])
             pos = ctx.full_positions if whole or ctx.full_positions is None else ctx.full_positions[rows]
-        else:
-            width = group.hidden.shape[1]
-            mask = stream.masks.for_rows(rows, width, stream.padded(ctx.plan, group.rows, width))
-            start = stream.cos.shape[1] - width
-            c, s = (stream.cos, stream.sin) if whole else (stream.cos[rows, start:], stream.sin[rows, start:])
-            pos = None  # gathered positions have gaps; flash-attention would read them as packed sequences
-        return self._run_layer(layer_idx, group.hidden, mask, c, s, pos, cache, ctx.use_cache, ctx.kwargs)
+            return mask, c, s, pos
+        width = group.hidden.shape[1]
+        mask = stream.masks.for_rows(rows, width, stream.padded(ctx.plan, group.rows, width))
+        start = stream.cos.shape[1] - width
+        c, s = (stream.cos, stream.sin) if whole else (stream.cos[rows, start:], stream.sin[rows, start:])
+        return mask, c, s, None  # gathered positions have gaps; flash-attention would read them as packed
+
+    # ------------------------------------------------------------------ graph-captured segments
+    def _graphs_for(self, ctx: _Prefill, dynamic) -> SegmentGraphs | None:
+        """The recorder when this prefill's segments are captured; None runs the layer-by-layer loop.
+
+        An exit rule decides between layers, so its prefill stays layer by layer; so does anything
+        the recorder would have to freeze into a graph (tensor keyword arguments, gradients).
+        """
+        graphs = self.controller.graphs
+        if graphs is None:
+            return None
+        if dynamic is not None or not self._capturing(graphs, ctx.batch, ctx.like.device, ctx.kwargs):
+            graphs.stats.eager += 1
+            return None
+        graphs.check_model(self.lm)
+        return graphs
+
+    def _capturing(
+        self, graphs: SegmentGraphs, batch: int, device: torch.device, kwargs: dict[str, Any]
+    ) -> bool:
+        return (
+            graphs.active_for(device, batch) and not self.lm.training and segment_inputs_are_tensors(kwargs)
+        )
+
+    def _run_segment(self, first: int, stop: int, full: _Group, text: _Group, reduced: _Stream | None,
+                     ctx: _Prefill, cache, graphs: SegmentGraphs) -> list[str]:  # fmt: skip
+        """Layers ``first``..``stop``-1, in which no sample changes group, one recorded segment per group."""
+        with_kv = cache is not None
+        ran: list[tuple[_Group, list[torch.Tensor], list[torch.Tensor]]] = []
+        for group, stream in ((full, reduced), (text, ctx.text)):
+            if not len(group):
+                continue
+            mask, c, s, pos = self._group_inputs(group, stream, ctx)
+            if mask is not None and not isinstance(mask, torch.Tensor):  # e.g. a flex-attention block mask
+                raise WithdrawalError(
+                    "Graph-captured prefill needs attn_implementation 'sdpa' or 'eager'; call "
+                    "controller.disable_graphs() for this model."
+                )
+            stream_name = FULL if stream is None else stream.name
+            key = (first, stop, stream_name, with_kv)
+            segment = self._segment(first, stop, with_kv, ctx.kwargs)
+            outputs, replayed = graphs.run(key, segment, (group.hidden, mask, c, s, pos))
+            group.hidden, keys, values = self._segment_outputs(outputs, stop - first, with_kv, replayed)
+            ran.append((group, keys, values))
+        if len(ran) == 1:
+            group, keys, values = ran[0]
+            name = FULL if group is full and reduced is None else (reduced.name if group is full else TEXT)
+            for offset, (k, v) in enumerate(zip(keys, values, strict=True)):
+                _put_layer(cache, first + offset, k, v)
+            return [name] * (stop - first)
+        if with_kv:
+            (_, full_keys, full_values), (_, text_keys, text_values) = ran
+            for offset in range(stop - first):
+                captures = (_CaptureKV(), _CaptureKV())
+                captures[0].keys, captures[0].values = full_keys[offset], full_values[offset]
+                captures[1].keys, captures[1].values = text_keys[offset], text_values[offset]
+                self._store_grouped(cache, first + offset, captures, full, text, reduced, ctx)
+        return [MIXED] * (stop - first)
+
+    def _segment(self, first: int, stop: int, with_kv: bool, kwargs: dict[str, Any]):
+        """Layers ``first``..``stop``-1 as a pure function of tensors: it returns its keys and values instead
+        of writing a cache, because a recorded graph replays kernels, not Python side effects."""
+
+        def segment(hidden, mask, cos, sin, positions):
+            keys, values = [], []
+            for layer_idx in range(first, stop):
+                capture = _CaptureKV() if with_kv else None
+                hidden = self._run_layer(
+                    layer_idx, hidden, mask, cos, sin, positions, capture, with_kv, kwargs
+                )
+                if capture is not None:
+                    keys.append(capture.keys)
+                    values.append(capture.values)
+            return (hidden, *keys, *values)
+
+        return segment
+
+    @staticmethod
+    def _segment_outputs(outputs, layers: int, with_kv: bool, replayed: bool):
+        """Hidden states, keys and values of a segment; replay buffers' keys and values are copied out first
+        (one ``stack`` each), since the next replay of that graph overwrites them."""
+        hidden = outputs[0]
+        if not with_kv:
+            return hidden, [], []
+        keys, values = list(outputs[1 : 1 + layers]), list(outputs[1 + layers : 1 + 2 * layers])
+        if replayed:
+            keys, values = list(torch.stack(keys).unbind(0)), list(torch.stack(values).unbind(0))
+        return hidden, keys, values
 
     def _store_grouped(
         self, cache, layer_idx, captures, full: _Group, text: _Group, reduced: _Stream | None, ctx: _Prefill

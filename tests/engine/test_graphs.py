@@ -1,0 +1,269 @@
+"""Graph-captured prefill: recorded segments replay to exactly the eager engine's numbers.
+
+A CUDA graph cannot be recorded on this CPU, so segments are recorded by ``TraceReplay``, which has
+a graph's constraints: Python runs once at capture, host reads fail there, outputs are overwritten
+by the next replay. Every comparison is against the eager engine on the same inputs, exact.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from graph_emulator import CaptureError, TraceReplay
+
+import vtw_train
+from vtw_train.engine import Reduction
+from vtw_train.engine.graphs import GraphSettings
+from vtw_train.engine.grouped import GroupedLayer
+from vtw_train.errors import WithdrawalError
+from vtw_train.gate import ExitGate, GateConfig, GateExitRule
+from vtw_train.methods import FastV
+from vtw_train.tiny_models import tiny_inputs, tiny_model
+
+LAYERS = 6
+
+REDUCTIONS = {
+    "nothing withdrawn": lambda: Reduction(),
+    "fixed K": lambda: Reduction(exit_layer=3),
+    "K = 0": lambda: Reduction(exit_layer=0),
+    "K per sample": lambda: Reduction(exit_layer=torch.tensor([1, 3, LAYERS])),
+    "FastV": lambda: Reduction(pruning=FastV(layer=2, keep_ratio=0.5)),
+    "ShortV": lambda: Reduction(frozen_layers={1, 4}),
+    "FastV + K per sample": lambda: Reduction(
+        pruning=FastV(layer=1, keep_ratio=0.5), exit_layer=torch.tensor([2, 4, LAYERS])
+    ),
+}
+
+
+def other_text(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same shapes and image positions with different text tokens: a replay, not a new capture."""
+    ids = inputs["input_ids"]
+    changed = dict(inputs)
+    changed["input_ids"] = torch.where(ids > 10, (ids * 7) % 50 + 11, ids)
+    return changed
+
+
+def cache_tensors(cache) -> list[torch.Tensor]:
+    out = []
+    for layer in cache.layers:
+        if isinstance(layer, GroupedLayer):
+            out += [t for group in layer.groups for t in (group.keys, group.values)]
+        else:
+            out += [layer.keys, layer.values]
+    return out
+
+
+def assert_same_cache(got, want, what: str) -> None:
+    got_t, want_t = cache_tensors(got), cache_tensors(want)
+    assert len(got_t) == len(want_t), what
+    for i, (g, w) in enumerate(zip(got_t, want_t, strict=True)):
+        assert g.shape == w.shape and torch.equal(g, w), f"{what}: cache tensor {i} differs"
+
+
+def run(model, batches):
+    with torch.no_grad():
+        return [model(**b) for b in batches]
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
+@pytest.mark.parametrize("name", list(REDUCTIONS))
+def test_recorded_segments_replay_the_eager_engine_exactly(family, name):
+    model = tiny_model(family, num_layers=LAYERS)
+    first = tiny_inputs(model, batch_size=3, seed=1)
+    second = other_text(first)
+    controller = vtw_train.attach(model)
+    controller.reduction = REDUCTIONS[name]()
+    eager = run(model, [first, second])
+    graphs = controller.enable_graphs(capture=TraceReplay)
+    recorded = run(model, [first])
+    captures = graphs.stats.captures
+    replayed = run(model, [second])
+    assert captures >= 1 and graphs.stats.captures == captures, "the same shapes must replay, not re-record"
+    assert graphs.stats.replays == 2 * captures and graphs.stats.eager == 0
+    for got, want, what in ((recorded[0], eager[0], "first"), (replayed[0], eager[1], "second")):
+        assert torch.equal(got.logits, want.logits), f"{name}: {what} prompt's logits differ"
+        # The first prompt's cache is checked after the second replay: it must not share the replay buffers.
+        assert_same_cache(got.past_key_values, want.past_key_values, f"{name}, {what} prompt")
+    assert controller.last_exit_layers is None or torch.equal(
+        controller.last_exit_layers, vtw_train.attach(model).last_exit_layers
+    )
+
+
+def test_generate_after_a_recorded_prefill_equals_eager():
+    model = tiny_model("llava", num_layers=LAYERS)
+    inputs = tiny_inputs(model, batch_size=3, seed=2)
+    controller = vtw_train.attach(model)
+    settings = dict(max_new_tokens=6, do_sample=False, suppress_tokens=[model.config.image_token_id])
+    for reduction in (Reduction(exit_layer=torch.tensor([1, 3, LAYERS])), Reduction()):
+        controller.reduction = reduction
+        controller.disable_graphs()
+        with torch.no_grad():
+            want = model.generate(
+                **inputs, **settings, num_beams=2, output_scores=True, return_dict_in_generate=True
+            )
+        graphs = controller.enable_graphs(capture=TraceReplay)
+        with torch.no_grad():
+            got = model.generate(
+                **inputs, **settings, num_beams=2, output_scores=True, return_dict_in_generate=True
+            )
+        assert graphs.stats.captures >= 1
+        assert torch.equal(got.sequences, want.sequences)
+        for g, w in zip(got.scores, want.scores, strict=True):
+            assert torch.equal(g, w)
+
+
+def test_the_recorder_refuses_host_reads():
+    """The stand-in fails where CUDA would: the engine's segments pass only because they read nothing."""
+
+    def reads(x):
+        return (x * float(x.sum()),)
+
+    with pytest.raises(CaptureError):
+        TraceReplay(reads, [torch.ones(3)], warmup=0)
+
+
+def test_a_segment_that_keeps_state_in_python_gives_stale_results_under_replay():
+    """Why segments return their keys and values: state set in Python at capture does not change on replay."""
+    seen = {}
+
+    def keeps(x):
+        y = x * 2
+        seen["y"] = y  # a cache-like side effect
+        return (y + 1,)
+
+    replay = TraceReplay(keeps, [torch.ones(2)], warmup=0)
+    out = replay([torch.full((2,), 5.0)])
+    assert torch.equal(out[0], torch.full((2,), 11.0))  # outputs are replayed
+    assert torch.equal(seen["y"], torch.full((2,), 2.0))  # the side effect is the capture's, not the replay's
+
+
+def test_where_graphs_cannot_apply_prefill_runs_eagerly_with_the_same_numbers():
+    model = tiny_model("llava", num_layers=LAYERS)
+    inputs = tiny_inputs(model, batch_size=3, seed=3)
+    controller = vtw_train.attach(model)
+    controller.reduction = Reduction(exit_layer=2)
+    (want,) = run(model, [inputs])
+
+    graphs = controller.enable_graphs()  # the CUDA recorder, on a CPU model: the CPU fallback
+    (got,) = run(model, [inputs])
+    assert graphs.stats.captures == 0 and graphs.stats.eager == 1
+    assert torch.equal(got.logits, want.logits)
+
+    graphs = controller.enable_graphs(GraphSettings(max_batch=2), capture=TraceReplay)
+    (got,) = run(model, [inputs])  # three rows
+    assert graphs.stats.captures == 0 and graphs.stats.eager == 1
+    assert torch.equal(got.logits, want.logits)
+
+    graphs = controller.enable_graphs(capture=TraceReplay)
+    got = model(**inputs)  # gradients on (training, distillation): never recorded
+    assert graphs.stats.captures == 0
+    assert torch.equal(got.logits.detach(), want.logits)
+
+    torch.manual_seed(0)
+    gate = ExitGate(GateConfig(hidden_size=model.config.text_config.hidden_size, num_layers=LAYERS, width=8,
+                               min_layer=0, lag=1))  # fmt: skip
+    controller.reduction = Reduction(exit_rule=GateExitRule(gate, tau=0.5))
+    controller.disable_graphs()
+    (want,) = run(model, [inputs])
+    graphs = controller.enable_graphs(capture=TraceReplay)
+    (got,) = run(model, [inputs])  # the gate decides between layers: layer by layer
+    assert graphs.stats.captures == 0 and graphs.stats.eager == 1
+    assert torch.equal(got.logits, want.logits)
+
+
+def test_changed_weights_or_adapters_are_never_replayed_from_a_stale_graph():
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_model("llava", num_layers=LAYERS)
+    targets = r".*language_model\.layers\.\d+\.self_attn\.(q|v)_proj"
+    model = get_peft_model(base, LoraConfig(target_modules=targets, r=4, init_lora_weights=False)).eval()
+    inputs = tiny_inputs(base, batch_size=2, seed=4)
+    controller = vtw_train.attach(model)
+    controller.reduction = Reduction(exit_layer=3)
+    (student,) = run(model, [inputs])
+    with model.disable_adapter():
+        (teacher,) = run(model, [inputs])
+    assert not torch.equal(student.logits, teacher.logits)
+
+    graphs = controller.enable_graphs(capture=TraceReplay)
+    run(model, [inputs])
+    with model.disable_adapter():
+        (got,) = run(model, [inputs])
+    assert torch.equal(got.logits, teacher.logits), "the adapters-on graph was replayed with adapters off"
+    (got,) = run(model, [inputs])
+    assert torch.equal(got.logits, student.logits)
+
+    # A parameter given new storage (``model.to``, ``load_state_dict(assign=True)``): a CUDA graph would
+    # still read the old memory, so the recorder must record again.
+    weight = base.model.language_model.layers[4].mlp.down_proj.weight
+    captures = graphs.stats.captures
+    weight.data = weight.data * 1.5
+    (got,) = run(model, [inputs])
+    assert graphs.stats.captures > captures
+    controller.disable_graphs()
+    (want,) = run(model, [inputs])
+    assert torch.equal(got.logits, want.logits) and not torch.equal(got.logits, student.logits)
+
+
+def test_at_most_max_graphs_are_kept():
+    model = tiny_model("llava", num_layers=LAYERS)
+    inputs = tiny_inputs(model, batch_size=3, seed=5)
+    controller = vtw_train.attach(model)
+    controller.reduction = Reduction(exit_layer=torch.tensor([1, 3, LAYERS]))
+    (want,) = run(model, [inputs])
+    graphs = controller.enable_graphs(GraphSettings(max_graphs=2), capture=TraceReplay)
+    for _ in range(2):
+        (got,) = run(model, [inputs])
+        assert torch.equal(got.logits, want.logits)
+    assert len(graphs) == 2 and graphs.stats.evicted > 0
+
+
+def test_a_failed_capture_warns_once_and_falls_back_to_eager():
+    model = tiny_model("llava", num_layers=LAYERS)
+    inputs = tiny_inputs(model, batch_size=2, seed=6)
+    controller = vtw_train.attach(model)
+    controller.reduction = Reduction(exit_layer=2)
+    (want,) = run(model, [inputs])
+
+    def broken(segment, inputs, warmup):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    graphs = controller.enable_graphs(capture=broken)
+    with pytest.warns(RuntimeWarning, match="graphs are off for this model"):
+        (got,) = run(model, [inputs])
+    assert torch.equal(got.logits, want.logits)
+    assert len(graphs.stats.failures) == 1
+    (got,) = run(model, [inputs])  # no second attempt, no second warning
+    assert torch.equal(got.logits, want.logits) and len(graphs.stats.failures) == 1
+
+
+@pytest.mark.parametrize("field", ["max_batch", "max_graphs", "warmup"])
+def test_graph_settings_are_checked(field):
+    with pytest.raises(WithdrawalError, match=f"GraphSettings.{field}"):
+        GraphSettings(**{field: -1})
+
+
+def test_detach_releases_graphs():
+    model = tiny_model("llava", num_layers=LAYERS)
+    controller = vtw_train.attach(model)
+    controller.exit_layer = 2
+    graphs = controller.enable_graphs(capture=TraceReplay)
+    run(model, [tiny_inputs(model, batch_size=1, seed=7)])
+    assert len(graphs) > 0
+    controller.detach()
+    assert len(graphs) == 0 and controller.graphs is None
+
+
+def test_inference_mode_and_no_grad_keep_separate_graphs():
+    """Buffers recorded under ``inference_mode`` cannot be written under ``no_grad``: each mode records its own."""
+    model = tiny_model("llava", num_layers=LAYERS)
+    inputs = tiny_inputs(model, batch_size=2, seed=8)
+    controller = vtw_train.attach(model)
+    controller.exit_layer = 2
+    (want,) = run(model, [inputs])
+    graphs = controller.enable_graphs(capture=TraceReplay)
+    with torch.inference_mode():
+        first = model(**inputs)
+    (second,) = run(model, [inputs])
+    assert torch.equal(first.logits, want.logits) and torch.equal(second.logits, want.logits)
+    assert graphs.stats.captures == 4 and len(graphs.stats.failures) == 0

@@ -1,0 +1,94 @@
+"""A CPU stand-in for a CUDA graph, faithful to what a recorded graph can and cannot do.
+
+A CUDA graph records kernels once and replays them: Python does not run again, so anything the
+code decided from tensor values at capture is frozen in, outputs are the same buffers on every
+replay, and reading a device value during capture fails. This recorder does the same with aten
+operations on the CPU: it records every operation the segment dispatches (refusing host reads),
+and a replay re-executes that list on the new inputs, writing into the recorded output tensors.
+A segment that only works eagerly (Python side effects, values read on the host, outputs kept
+across replays) gives wrong numbers or fails here, as it would on a GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+#: aten operations whose result size or value the host must read from the device.
+SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "unique_dim",
+           "unique_consecutive", "argwhere", "repeat_interleave"}  # fmt: skip
+
+
+class CaptureError(RuntimeError):
+    """What CUDA raises when captured code reads a device value on the host."""
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[Any, Any, Any, Any]] = []
+        self.keep: list[Any] = []  # every tensor seen stays alive, so ids stay unique
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name.split("::")[-1]
+        if name in SYNCING:
+            raise CaptureError(
+                f"operation not permitted when stream is capturing: aten::{name} reads the device"
+            )
+        if name.startswith("index") and len(args) > 1 and isinstance(args[1], (list, tuple)):
+            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]):
+                raise CaptureError("boolean-mask indexing reads the device while capturing")
+        out = func(*args, **kwargs)
+        self.ops.append((func, args, kwargs, out))
+        self.keep.append((args, kwargs, out))
+        return out
+
+
+class TraceReplay:
+    """Records ``segment`` as a list of aten operations; calling it replays them on new inputs."""
+
+    def __init__(self, segment, inputs: Sequence[torch.Tensor | None], warmup: int) -> None:
+        self.static = [None if t is None else t.clone() for t in inputs]
+        for _ in range(warmup):
+            segment(*self.static)
+        recorder = _Recorder()
+        tolist = torch.Tensor.tolist
+
+        def refuse(tensor):
+            raise CaptureError("tolist() reads the device while capturing")
+
+        torch.Tensor.tolist = refuse  # type: ignore[method-assign]
+        try:
+            with recorder:
+                self.outputs = list(segment(*self.static))
+        finally:
+            torch.Tensor.tolist = tolist  # type: ignore[method-assign]
+        self.ops = recorder.ops
+        self._keep = recorder.keep
+        self.replays = 0
+
+    def __call__(self, inputs: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+        for static, new in zip(self.static, inputs, strict=True):
+            if static is not None:
+                static.copy_(new)
+        env: dict[int, torch.Tensor] = {id(t): t for t in self.static if t is not None}
+
+        def current(value):
+            return env.get(id(value), value) if isinstance(value, torch.Tensor) else value
+
+        for func, args, kwargs, out in self.ops:
+            result = func(*tree_map(current, args), **tree_map(current, kwargs))
+            old, _ = tree_flatten(out)
+            new, _ = tree_flatten(result)
+            for before, after in zip(old, new, strict=True):
+                if isinstance(before, torch.Tensor):
+                    env[id(before)] = after
+        for output in self.outputs:  # the same buffers every replay, overwritten
+            output.copy_(env[id(output)])
+        self.replays += 1
+        return self.outputs
