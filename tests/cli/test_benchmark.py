@@ -75,3 +75,50 @@ def test_the_benchmark_times_every_strategy_and_writes_its_tables(tmp_path, caps
 def test_presets_carry_real_shapes():
     assert PRESETS["llava15_7b"].num_layers == 32 and PRESETS["llava15_7b"].visual_tokens == 576
     assert PRESETS["llava_next_7b"].visual_tokens == 2880 and PRESETS["llava15_13b"].hidden_size == 5120
+
+
+def test_graphed_rows_sit_next_to_their_eager_twins_with_the_same_output(tmp_path, monkeypatch):
+    """With a recorder that replays (the CPU stand-in for a CUDA graph), graphed rows equal the eager ones."""
+    from graph_emulator import TraceReplay
+
+    import vtw_train.cli.benchmark as benchmark
+    from vtw_train.engine.graphs import SegmentGraphs
+
+    recorders: list[SegmentGraphs] = []
+
+    def replaying(settings):
+        recorders.append(SegmentGraphs(settings, capture=TraceReplay))
+        return recorders[-1]
+
+    monkeypatch.setattr(benchmark, "SegmentGraphs", replaying)
+    results = main(
+        [
+            "--num_layers",
+            "4",
+            "--batch_sizes",
+            "[2]",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--decode_tokens",
+            "0",
+            "--threads",
+            "1",
+            "--graphs",
+            "true",
+            "--output_dir",
+            str(tmp_path),
+        ]  # fmt: skip
+    )
+    graphed = {r["strategy"]: r for r in results if r["graphs"]}
+    assert set(graphed) >= {"stock, graphed", "VTW K = 2, graphed", "ShortV N = 2, graphed"}
+    assert not any(name.startswith("gate") for name in graphed)  # the gate runs layer by layer
+    for name, r in graphed.items():
+        assert r["max_abs_diff_vs_eager"] == 0.0, name
+        eager = next(e for e in results if e["strategy"] == name.removesuffix(", graphed"))
+        assert r["kv_bytes"] == eager["kv_bytes"] and r["flops_speedup"] == pytest.approx(
+            eager["flops_speedup"]
+        )
+    assert recorders[0].stats.captures > 0 and recorders[0].stats.replays > recorders[0].stats.captures
+    assert "diff vs eager" in (tmp_path / "benchmark.md").read_text()

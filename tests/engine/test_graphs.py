@@ -267,3 +267,21 @@ def test_inference_mode_and_no_grad_keep_separate_graphs():
     (second,) = run(model, [inputs])
     assert torch.equal(first.logits, want.logits) and torch.equal(second.logits, want.logits)
     assert graphs.stats.captures == 4 and len(graphs.stats.failures) == 0
+
+
+def test_graphs_can_be_paused_without_recording_again():
+    model = tiny_model("llava", num_layers=LAYERS)
+    inputs = tiny_inputs(model, batch_size=1, seed=9)
+    controller = vtw_train.attach(model)
+    controller.exit_layer = 3
+    graphs = controller.enable_graphs(capture=TraceReplay)
+    (graphed,) = run(model, [inputs])
+    kept = controller.disable_graphs(release=False)
+    (eager,) = run(model, [inputs])
+    assert kept is graphs and len(graphs) == 2 and graphs.stats.replays == 2
+    controller.enable_graphs(recorder=kept)
+    (again,) = run(model, [inputs])
+    assert graphs.stats.captures == 2 and graphs.stats.replays == 4
+    assert torch.equal(graphed.logits, eager.logits) and torch.equal(again.logits, eager.logits)
+    with pytest.raises(TypeError, match="recorder or settings"):
+        controller.enable_graphs(GraphSettings(), recorder=kept)

@@ -8,6 +8,8 @@ FLOPs speedup of what actually ran (``vtw_train.flops``, per sample), their rati
 the KV-cache bytes after prefill and their ratio to what the samples need at their own exits (no padding;
 rows that withdraw by exit layers only), the peak memory (CUDA) and the time to generate
 ``decode_tokens`` new tokens. Results go to stdout, ``benchmark.json`` and ``benchmark.md``.
+On CUDA (or with ``--graphs true``) every strategy also gets a "graphed" row: the same strategy with
+graph-captured prefill, and the largest difference of its output from the eager row's.
 
     vtw-train benchmark --preset llava15_7b --device cuda --dtype bfloat16 --batch_sizes [1,16,64]
     vtw-train benchmark --config configs/benchmark/cpu.yaml          # CPU, scaled-down shape
@@ -34,6 +36,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 from ..config import NonNegativeInt, PositiveInt, parse_config
 from ..engine import FULL, Reduction, attach, controller_of
+from ..engine.graphs import GraphSettings, SegmentGraphs
 from ..evaluation.profiling import cache_bytes
 from ..flops import DecoderDims, flops_ratio, prefill_flops, token_counts
 from ..gate import ExitGate, GateConfig, GateExitRule
@@ -109,6 +112,13 @@ class BenchmarkRun:
     """Timed interleaved rounds for ``generate``."""
     threads: NonNegativeInt = 0
     """CPU threads for torch (0: torch's default)."""
+    graphs: bool | None = None
+    """Also time each strategy with graph-captured prefill (``controller.enable_graphs()``), as its own
+    "graphed" row next to the eager one, with the largest difference between their outputs (None: on where
+    the device is CUDA; on a CPU the graphed rows run eagerly)."""
+    graphs_max_batch: PositiveInt = 8
+    """Graphed rows only at batch sizes up to this: graphs cut launch overhead, which large batches hide, and
+    each graph keeps its own copy of its segment's keys and values."""
     seed: int = 0
     """Seed of the weights, the prompts and the per-sample K mix."""
     output_dir: str = "outputs/benchmark"
@@ -189,6 +199,8 @@ class Row:
     inputs: dict[str, torch.Tensor]
     exits: Callable[[], list[int | None]] | None = None  # per-sample exit layers of the last prefill
     kept_visual: int | None = None  # VisPruner: the visual tokens the language model sees
+    graphs: bool = False  # prefill segments replayed as CUDA graphs
+    twin: str | None = None  # graphed rows: the eager row with the same strategy
 
 
 def _sync(device: torch.device) -> None:
@@ -258,7 +270,25 @@ def strategies_for(run: BenchmarkRun, model, shape: Shape, batch: int, device: t
     pruned = prompts(shape, batch, min(run.vispruner_tokens, shape.visual_tokens), run.seed + batch, device)
     out.append(Row(f"VisPruner T = {run.vispruner_tokens} (LM on T tokens)", None, pruned,
                         kept_visual=min(run.vispruner_tokens, shape.visual_tokens)))  # fmt: skip
+    if use_graphs(run, device) and batch <= run.graphs_max_batch:
+        out += [graphed(row) for row in out if row.name not in GRAPHLESS and not row.name.startswith("gate")]
     return out
+
+
+#: Rows without a graphed twin: the noise row, and the engine at K = L (the "stock, graphed" row covers it).
+GRAPHLESS = ("stock again (noise)", "engine, K = L")
+
+
+def use_graphs(run: BenchmarkRun, device: torch.device) -> bool:
+    return device.type == "cuda" if run.graphs is None else run.graphs
+
+
+def graphed(row: Row) -> Row:
+    """The same strategy with graph-captured prefill; the stock rows run the engine with nothing withdrawn."""
+    reduction = FULL if row.reduction is None else row.reduction
+    return Row(
+        f"{row.name}, graphed", reduction, row.inputs, row.exits, row.kept_visual, graphs=True, twin=row.name
+    )
 
 
 def flops_speedup(model, strategy: Row, visual_total: int) -> float:
@@ -282,7 +312,7 @@ def kv_need_bytes(model, strategy: Row, exits: list[int | None] | None) -> int |
     """What the prompts' KV cache needs at each sample's own exit, without any padding: each sample's text in
     every layer plus its visual tokens below its K. None for rows that do not withdraw by exits (FastV,
     ShortV, VisPruner), whose need is not this formula."""
-    if strategy.reduction is not None and exits is None:
+    if strategy.reduction is not None and not strategy.reduction.is_full and exits is None:
         return None
     if strategy.kept_visual is not None:
         return None
@@ -305,12 +335,19 @@ def bench_batch(
     controller = attach(model)
     rows = strategies_for(run, model, shape, batch, device)
     state: dict[str, Any] = {}
+    # One recorder for every graphed row, switched on and off between rows without recording again.
+    recorder = SegmentGraphs(GraphSettings(max_batch=batch, max_graphs=8 * len(rows)))
 
     def setup(s: Row) -> Callable[[], None]:
         def apply() -> None:
-            attach(model).reduction = s.reduction if s.reduction is not None else FULL
+            engine = attach(model)
+            engine.reduction = s.reduction if s.reduction is not None else FULL
+            if s.graphs:
+                engine.enable_graphs(recorder=recorder)
+            else:
+                engine.disable_graphs(release=False)
             if s.reduction is None:
-                attach(model).detach()
+                engine.detach()
 
         return apply
 
@@ -332,6 +369,7 @@ def bench_batch(
     setups = {s.name: setup(s) for s in rows}
     results = []
     exits_seen: dict[str, list[int | None]] = {}
+    hidden: dict[str, torch.Tensor] = {}
     for s in rows:  # one untimed pass each: cache size, peak memory, the exits the FLOPs are computed from
         setups[s.name]()
         if device.type == "cuda":
@@ -341,7 +379,9 @@ def bench_batch(
         prefill(s)()
         _sync(device)
         peak = torch.cuda.max_memory_allocated(device) - base_memory if device.type == "cuda" else None
-        kv = cache_bytes(state.pop("out").past_key_values)
+        out = state.pop("out")
+        hidden[s.name] = out.last_hidden_state.float()
+        kv = cache_bytes(out.past_key_values)
         if s.exits is not None:
             exits_seen[s.name] = s.exits()
         need = kv_need_bytes(model, s, exits_seen.get(s.name))
@@ -364,6 +404,11 @@ def bench_batch(
                 "kv_need_bytes": need,
                 "peak_prefill_bytes": peak,
                 "flops_speedup": speed,
+                "graphs": s.graphs,
+                # graphed rows: largest difference of the decoder's output from the eager row's
+                "max_abs_diff_vs_eager": (
+                    float((hidden[s.name] - hidden[s.twin]).abs().max()) if s.twin in hidden else None
+                ),
             }
         )
     times = _medians({s.name: prefill(s) for s in rows}, setups, run.repeats, run.warmup, device)
@@ -371,6 +416,9 @@ def bench_batch(
     if run.decode_tokens:
         decode = _medians({s.name: generate(s) for s in rows}, setups, run.decode_repeats, 1, device)
     state.clear()
+    hidden.clear()
+    attach(model).disable_graphs()
+    recorder.clear()
     attach(model).reduction = FULL
     stock = times["stock"]
     for r in results:
@@ -395,6 +443,7 @@ COLUMNS = (
     "peak MiB",
     "generate s",
     "gen. speedup",
+    "diff vs eager",
 )
 
 
@@ -406,7 +455,8 @@ def _row(r: dict[str, Any]) -> list[str]:
     return [r["strategy"], num(r["prefill_ms"], ".1f"), num(r["speedup"], ".2f") + "x", num(r["flops_speedup"], ".2f") + "x",
             num(r["efficiency"], ".2f"), num(r["kv_bytes"] / 2**20, ".1f"),
             num(r["kv_bytes"] / r["kv_need_bytes"] if r.get("kv_need_bytes") else None, ".2f"), num(peak, ".0f"),
-            num(r.get("generate_s"), ".3f"), num(r.get("generate_speedup"), ".2f") + ("x" if "generate_speedup" in r else "")]  # fmt: skip
+            num(r.get("generate_s"), ".3f"), num(r.get("generate_speedup"), ".2f") + ("x" if "generate_speedup" in r else ""),
+            num(r.get("max_abs_diff_vs_eager"), ".2g")]  # fmt: skip
 
 
 def markdown(results: list[dict[str, Any]], header: str) -> str:
@@ -437,7 +487,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else ''} {run.dtype}, {run.attn_implementation}; "
         f"medians of {run.repeats} interleaved prefills (and {run.decode_repeats} generate calls of "
         f"{run.decode_tokens} tokens); built in {built:.1f} s."
-    )
+        + (" Graphed rows: prefill segments replayed as CUDA graphs (recorded in the untimed pass)."
+           if use_graphs(run, device) and device.type == "cuda" else "")
+        + (" Graphed rows on a CPU run eagerly (no CUDA graphs)." if use_graphs(run, device) and device.type != "cuda" else "")
+    )  # fmt: skip
     print(header)
     results: list[dict[str, Any]] = []
     for batch in run.batch_sizes:

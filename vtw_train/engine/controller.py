@@ -101,7 +101,11 @@ class ExitController:
         return self._graphs
 
     def enable_graphs(
-        self, settings: GraphSettings | None = None, *, capture: Capture | None = None
+        self,
+        settings: GraphSettings | None = None,
+        *,
+        capture: Capture | None = None,
+        recorder: SegmentGraphs | None = None,
     ) -> SegmentGraphs:
         """Record prefill segments as CUDA graphs and replay them (opt-in; results equal the eager path's).
 
@@ -110,18 +114,26 @@ class ExitController:
         with visual tokens, under any reduction except an exit rule (the gate decides between layers, so
         it stays layer by layer). Elsewhere, and on a CPU, prefill runs eagerly as before. A graph is
         recorded per segment and shape on first use (a few eager runs, then one capture), so time a
-        warm model. ``capture`` replaces the CUDA recorder (tests use a CPU stand-in).
+        warm model. ``capture`` replaces the CUDA recorder (tests use a CPU stand-in); ``recorder`` turns
+        graphs back on with the graphs a ``disable_graphs(release=False)`` kept.
         """
-        if self._graphs is not None:
+        if recorder is not None:
+            if settings is not None or capture is not None:
+                raise TypeError("enable_graphs() takes a recorder or settings and capture, not both.")
+        else:
+            recorder = SegmentGraphs(settings, capture=capture)
+        if self._graphs is not None and self._graphs is not recorder:
             self._graphs.clear()
-        self._graphs = SegmentGraphs(settings, capture=capture)
-        return self._graphs
+        self._graphs = recorder
+        return recorder
 
-    def disable_graphs(self) -> None:
-        """Back to eager prefill everywhere, releasing every recorded graph."""
-        if self._graphs is not None:
-            self._graphs.clear()
-        self._graphs = None
+    def disable_graphs(self, release: bool = True) -> SegmentGraphs | None:
+        """Back to eager prefill everywhere. Recorded graphs are released, or kept in the returned recorder
+        with ``release=False`` (to compare eager and graphed runs without recording again)."""
+        recorder, self._graphs = self._graphs, None
+        if recorder is not None and release:
+            recorder.clear()
+        return recorder
 
     def visual_positions(
         self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None = None
