@@ -35,10 +35,17 @@ REDUCTIONS = {
 }
 
 
-def other_text(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The same shapes and image positions with different text tokens: a replay, not a new capture."""
-    ids = inputs["input_ids"]
-    changed = dict(inputs)
+def other_prompts(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The rows in reverse order with other text tokens: the same shapes (a replay, not a new recording)
+    but other values everywhere, padding masks and rotary tables included, so nothing recorded as a
+    constant can pass for an input."""
+    changed = {}
+    for key, value in inputs.items():
+        changed[key] = value.flip(0)
+    if "image_grid_thw" in inputs:  # Qwen2-VL: patches of all images in one tensor, image after image
+        sizes = inputs["image_grid_thw"].prod(-1).tolist()
+        changed["pixel_values"] = torch.cat(inputs["pixel_values"].split(sizes)[::-1])
+    ids = changed["input_ids"]
     changed["input_ids"] = torch.where(ids > 10, (ids * 7) % 50 + 11, ids)
     return changed
 
@@ -70,7 +77,7 @@ def run(model, batches):
 def test_recorded_segments_replay_the_eager_engine_exactly(family, name):
     model = tiny_model(family, num_layers=LAYERS)
     first = tiny_inputs(model, batch_size=3, seed=1)
-    second = other_text(first)
+    second = other_prompts(first)
     controller = vtw_train.attach(model)
     controller.reduction = REDUCTIONS[name]()
     eager = run(model, [first, second])
@@ -78,8 +85,9 @@ def test_recorded_segments_replay_the_eager_engine_exactly(family, name):
     recorded = run(model, [first])
     captures = graphs.stats.captures
     replayed = run(model, [second])
-    assert captures >= 1 and graphs.stats.captures == captures, "the same shapes must replay, not re-record"
-    assert graphs.stats.replays == 2 * captures and graphs.stats.eager == 0
+    assert captures >= 1 and graphs.stats.eager == 0 and graphs.stats.replays > captures
+    if "per sample" not in name:  # per-sample exits regroup reversed rows: other widths, other graphs
+        assert graphs.stats.captures == captures, "the same shapes must replay, not record again"
     for got, want, what in ((recorded[0], eager[0], "first"), (replayed[0], eager[1], "second")):
         assert torch.equal(got.logits, want.logits), f"{name}: {what} prompt's logits differ"
         # The first prompt's cache is checked after the second replay: it must not share the replay buffers.
