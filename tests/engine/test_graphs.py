@@ -29,6 +29,9 @@ REDUCTIONS = {
     "K per sample": lambda: Reduction(exit_layer=torch.tensor([1, 3, LAYERS])),
     "FastV": lambda: Reduction(pruning=FastV(layer=2, keep_ratio=0.5)),
     "ShortV": lambda: Reduction(frozen_layers={1, 4}),
+    "ShortV + K per sample": lambda: Reduction(
+        frozen_layers={0, 2, 3}, exit_layer=torch.tensor([1, 3, LAYERS])
+    ),
     "FastV + K per sample": lambda: Reduction(
         pruning=FastV(layer=1, keep_ratio=0.5), exit_layer=torch.tensor([2, 4, LAYERS])
     ),
@@ -95,6 +98,22 @@ def test_recorded_segments_replay_the_eager_engine_exactly(family, name):
     assert controller.last_exit_layers is None or torch.equal(
         controller.last_exit_layers, vtw_train.attach(model).last_exit_layers
     )
+
+
+@pytest.mark.parametrize(
+    ("reduction", "graphs"),
+    [(Reduction(), 1), (Reduction(exit_layer=3), 2), (Reduction(frozen_layers={0, 1}, exit_layer=3), 2),
+     (Reduction(frozen_layers={1, 4}), 1), (Reduction(pruning=FastV(layer=2, keep_ratio=0.5)), 3)],
+    ids=["nothing withdrawn", "fixed K", "ShortV + fixed K", "ShortV", "FastV"],
+)  # fmt: skip
+def test_a_prefill_is_as_few_graphs_as_its_group_changes_allow(reduction, graphs):
+    """One graph per run of layers without a change of group: the launches saved are the point."""
+    model = tiny_model("llava", num_layers=LAYERS)
+    controller = vtw_train.attach(model)
+    controller.reduction = reduction
+    recorder = controller.enable_graphs(capture=TraceReplay)
+    run(model, [tiny_inputs(model, batch_size=2, seed=10)])
+    assert recorder.stats.captures == graphs
 
 
 def test_generate_after_a_recorded_prefill_equals_eager():

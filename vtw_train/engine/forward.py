@@ -493,8 +493,8 @@ class WithdrawalForward:
         previous_input = None
         streams: list[str] = []  # what each layer's cache holds, for decoding
         graphs = self._graphs_for(ctx, dynamic)
-        # Segments end where a group changes: at an exit, around FastV's layer and around frozen layers.
-        ends = {k for k in plan.exits if 0 < k < num_layers} | {e for f in ctx.frozen for e in (f, f + 1)}
+        # Segments end where a group changes: at an exit and around FastV's layer.
+        ends = {k for k in plan.exits if 0 < k < num_layers}
         ends |= set() if fastv is None else {fastv.layer - 1, fastv.layer}
 
         layer_idx = 0
@@ -515,7 +515,7 @@ class WithdrawalForward:
             if fastv is not None and layer_idx == fastv.layer - 1:
                 previous_input = full.hidden  # FastV ranks with this layer's input, after this layer's moves
 
-            if graphs is not None and not (layer_idx in ctx.frozen and len(full) and reduced is None):
+            if graphs is not None:
                 stop = min((e for e in ends if e > layer_idx), default=num_layers)
                 streams += self._run_segment(layer_idx, stop, full, text, reduced, ctx, cache, graphs)
                 layer_idx = stop
@@ -712,9 +712,17 @@ class WithdrawalForward:
                     "controller.disable_graphs() for this model."
                 )
             stream_name = FULL if stream is None else stream.name
-            key = (first, stop, stream_name, with_kv)
-            segment = self._segment(first, stop, with_kv, ctx.kwargs)
-            outputs, replayed = graphs.run(key, segment, (group.hidden, mask, c, s, pos))
+            inputs = [group.hidden, mask, c, s, pos]
+            # ShortV's frozen layers apply in the full stream; their text layout is an input too.
+            frozen = tuple(i for i in range(first, stop) if i in ctx.frozen) if stream is None else ()
+            if frozen:
+                rows = group.index
+                layout = ctx.text.layout.select(rows, ctx.text.width(ctx.plan, group.rows))
+                padding = None if ctx.padding is None else ctx.padding[rows]
+                inputs += [ctx.visual[rows], padding, layout.index, layout.valid]
+            key = (first, stop, stream_name, with_kv, frozen)
+            segment = self._segment(first, stop, with_kv, ctx.kwargs, frozen, ctx.visual.shape[1])
+            outputs, replayed = graphs.run(key, segment, inputs)
             group.hidden, keys, values = self._segment_outputs(outputs, stop - first, with_kv, replayed)
             ran.append((group, keys, values))
         if len(ran) == 1:
@@ -732,17 +740,23 @@ class WithdrawalForward:
                 self._store_grouped(cache, first + offset, captures, full, text, reduced, ctx)
         return [MIXED] * (stop - first)
 
-    def _segment(self, first: int, stop: int, with_kv: bool, kwargs: dict[str, Any]):
+    def _segment(self, first: int, stop: int, with_kv: bool, kwargs: dict[str, Any], frozen: tuple[int, ...],
+                 full_length: int):  # fmt: skip
         """Layers ``first``..``stop``-1 as a pure function of tensors: it returns its keys and values instead
         of writing a cache, because a recorded graph replays kernels, not Python side effects."""
 
-        def segment(hidden, mask, cos, sin, positions):
+        def segment(hidden, mask, cos, sin, positions, visual=None, padding=None, index=None, valid=None):
+            layout = None if index is None else TextLayout(index=index, valid=valid, full_length=full_length)
             keys, values = [], []
             for layer_idx in range(first, stop):
                 capture = _CaptureKV() if with_kv else None
-                hidden = self._run_layer(
-                    layer_idx, hidden, mask, cos, sin, positions, capture, with_kv, kwargs
-                )
+                if layer_idx in frozen:
+                    hidden = frozen_layer_forward(self.lm.layers[layer_idx], layer_idx, hidden, visual, padding, cos,
+                                                  sin, self.lm.config, capture, kwargs, layout=layout)  # fmt: skip
+                else:
+                    hidden = self._run_layer(
+                        layer_idx, hidden, mask, cos, sin, positions, capture, with_kv, kwargs
+                    )
                 if capture is not None:
                     keys.append(capture.keys)
                     values.append(capture.values)
