@@ -168,7 +168,9 @@ class GateExitRule:
 
     def __init__(self, gate: ExitGate, tau: float | None = None) -> None:
         self.lag = gate.config.lag  # the engine applies a decision made after layer l from l + 1 + lag
-        self._asked = frozenset(gate.config.candidate_layers)
+        self.asked_layers = frozenset(
+            gate.config.candidate_layers
+        )  # read by the engine to cut graph segments
         self.gate = gate
         self.tau = gate.config.tau if tau is None else tau
         self.last_probabilities: dict[int, torch.Tensor] = {}
@@ -186,7 +188,7 @@ class GateExitRule:
         return self._pooling
 
     def __call__(self, layer, hidden, rows, visual, padding):
-        if layer not in self._asked:
+        if layer not in self.asked_layers:
             return None
         pooling = self._pooling_weights(rows, visual, padding)
         with torch.no_grad():

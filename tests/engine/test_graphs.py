@@ -22,17 +22,30 @@ from vtw_train.tiny_models import tiny_inputs, tiny_model
 
 LAYERS = 6
 
+
+def gate_rule(lag: int, tau: float, ask_every: int = 1, hidden: int = 64) -> GateExitRule:
+    torch.manual_seed(0)
+    config = GateConfig(
+        hidden_size=hidden, num_layers=LAYERS, width=8, min_layer=0, lag=lag, ask_every=ask_every
+    )
+    return GateExitRule(ExitGate(config), tau=tau)
+
+
 REDUCTIONS = {
-    "nothing withdrawn": lambda: Reduction(),
-    "fixed K": lambda: Reduction(exit_layer=3),
-    "K = 0": lambda: Reduction(exit_layer=0),
-    "K per sample": lambda: Reduction(exit_layer=torch.tensor([1, 3, LAYERS])),
-    "FastV": lambda: Reduction(pruning=FastV(layer=2, keep_ratio=0.5)),
-    "ShortV": lambda: Reduction(frozen_layers={1, 4}),
-    "ShortV + K per sample": lambda: Reduction(
+    "nothing withdrawn": lambda h: Reduction(),
+    "fixed K": lambda h: Reduction(exit_layer=3),
+    "K = 0": lambda h: Reduction(exit_layer=0),
+    "K per sample": lambda h: Reduction(exit_layer=torch.tensor([1, 3, LAYERS])),
+    "FastV": lambda h: Reduction(pruning=FastV(layer=2, keep_ratio=0.5)),
+    "ShortV": lambda h: Reduction(frozen_layers={1, 4}),
+    "ShortV + K per sample": lambda h: Reduction(
         frozen_layers={0, 2, 3}, exit_layer=torch.tensor([1, 3, LAYERS])
     ),
-    "FastV + K per sample": lambda: Reduction(
+    "gate, lag 0": lambda h: Reduction(exit_rule=gate_rule(lag=0, tau=0.5, hidden=h)),
+    "gate, lag 1, asked every 2nd layer": lambda h: Reduction(
+        exit_rule=gate_rule(lag=1, tau=0.5, ask_every=2, hidden=h)
+    ),
+    "FastV + K per sample": lambda h: Reduction(
         pruning=FastV(layer=1, keep_ratio=0.5), exit_layer=torch.tensor([2, 4, LAYERS])
     ),
 }
@@ -82,14 +95,14 @@ def test_recorded_segments_replay_the_eager_engine_exactly(family, name):
     first = tiny_inputs(model, batch_size=3, seed=1)
     second = other_prompts(first)
     controller = vtw_train.attach(model)
-    controller.reduction = REDUCTIONS[name]()
+    controller.reduction = REDUCTIONS[name](model.config.text_config.hidden_size)
     eager = run(model, [first, second])
     graphs = controller.enable_graphs(capture=TraceReplay)
     recorded = run(model, [first])
     captures = graphs.stats.captures
     replayed = run(model, [second])
     assert captures >= 1 and graphs.stats.eager == 0 and graphs.stats.replays > captures
-    if "per sample" not in name:  # per-sample exits regroup reversed rows: other widths, other graphs
+    if "per sample" not in name and "gate" not in name:  # per-sample exits regroup rows: other widths
         assert graphs.stats.captures == captures, "the same shapes must replay, not record again"
     for got, want, what in ((recorded[0], eager[0], "first"), (replayed[0], eager[1], "second")):
         assert torch.equal(got.logits, want.logits), f"{name}: {what} prompt's logits differ"
@@ -103,8 +116,10 @@ def test_recorded_segments_replay_the_eager_engine_exactly(family, name):
 @pytest.mark.parametrize(
     ("reduction", "graphs"),
     [(Reduction(), 1), (Reduction(exit_layer=3), 2), (Reduction(frozen_layers={0, 1}, exit_layer=3), 2),
-     (Reduction(frozen_layers={1, 4}), 1), (Reduction(pruning=FastV(layer=2, keep_ratio=0.5)), 3)],
-    ids=["nothing withdrawn", "fixed K", "ShortV + fixed K", "ShortV", "FastV"],
+     (Reduction(frozen_layers={1, 4}), 1), (Reduction(pruning=FastV(layer=2, keep_ratio=0.5)), 3),
+     (Reduction(exit_rule=gate_rule(lag=1, tau=1.0, ask_every=2)), 5)],
+    ids=["nothing withdrawn", "fixed K", "ShortV + fixed K", "ShortV", "FastV",
+         "gate asked after layers 0 and 2, lag 1: cut at 1, 2, 3, 4"],
 )  # fmt: skip
 def test_a_prefill_is_as_few_graphs_as_its_group_changes_allow(reduction, graphs):
     """One graph per run of layers without a change of group: the launches saved are the point."""
@@ -185,17 +200,6 @@ def test_where_graphs_cannot_apply_prefill_runs_eagerly_with_the_same_numbers():
     got = model(**inputs)  # gradients on (training, distillation): never recorded
     assert graphs.stats.captures == 0
     assert torch.equal(got.logits.detach(), want.logits)
-
-    torch.manual_seed(0)
-    gate = ExitGate(GateConfig(hidden_size=model.config.text_config.hidden_size, num_layers=LAYERS, width=8,
-                               min_layer=0, lag=1))  # fmt: skip
-    controller.reduction = Reduction(exit_rule=GateExitRule(gate, tau=0.5))
-    controller.disable_graphs()
-    (want,) = run(model, [inputs])
-    graphs = controller.enable_graphs(capture=TraceReplay)
-    (got,) = run(model, [inputs])  # the gate decides between layers: layer by layer
-    assert graphs.stats.captures == 0 and graphs.stats.eager == 1
-    assert torch.equal(got.logits, want.logits)
 
 
 def test_changed_weights_or_adapters_are_never_replayed_from_a_stale_graph():

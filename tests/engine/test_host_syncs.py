@@ -101,7 +101,9 @@ def test_a_prefill_reads_the_device_at_most_twice_more_than_stock_at_any_depth(r
     )
 
 
-@pytest.mark.parametrize("name", ["nothing withdrawn", "fixed K", "K per sample", "FastV", "ShortV + K"])
+@pytest.mark.parametrize(
+    "name", ["nothing withdrawn", "fixed K", "K per sample", "FastV", "ShortV + K", "gate fires (lag 1)"]
+)
 def test_a_graph_replayed_prefill_reads_the_device_at_most_twice_more_than_stock(reads, name):
     reduction = REDUCTIONS.get(name, lambda L: Reduction())
     shallow_stock, shallow = host_reads(reads, 4, reduction, graphs=True)

@@ -271,7 +271,7 @@ def strategies_for(run: BenchmarkRun, model, shape: Shape, batch: int, device: t
     out.append(Row(f"VisPruner T = {run.vispruner_tokens} (LM on T tokens)", None, pruned,
                         kept_visual=min(run.vispruner_tokens, shape.visual_tokens)))  # fmt: skip
     if use_graphs(run, device) and batch <= run.graphs_max_batch:
-        out += [graphed(row) for row in out if row.name not in GRAPHLESS and not row.name.startswith("gate")]
+        out += [graphed(row) for row in out if row.name not in GRAPHLESS]
     return out
 
 

@@ -492,10 +492,16 @@ class WithdrawalForward:
         fastv = reduction.pruning
         previous_input = None
         streams: list[str] = []  # what each layer's cache holds, for decoding
-        graphs = self._graphs_for(ctx, dynamic)
+        graphs = self._graphs_for(ctx)
         # Segments end where a group changes: at an exit and around FastV's layer.
         ends = {k for k in plan.exits if 0 < k < num_layers}
         ends |= set() if fastv is None else {fastv.layer - 1, fastv.layer}
+        if (
+            decisions is not None
+        ):  # after each asked layer (the rule reads its output) and where a decision lands
+            asked = getattr(dynamic, "asked_layers", None)
+            asked = range(num_layers) if asked is None else asked
+            ends |= {a + step for a in asked for step in (1, 1 + decisions.lag) if a + step < num_layers}
 
         layer_idx = 0
         while layer_idx < num_layers:
@@ -675,16 +681,17 @@ class WithdrawalForward:
         return mask, c, s, None  # gathered positions have gaps; flash-attention would read them as packed
 
     # ------------------------------------------------------------------ graph-captured segments
-    def _graphs_for(self, ctx: _Prefill, dynamic) -> SegmentGraphs | None:
-        """The recorder when this prefill's segments are captured; None runs the layer-by-layer loop.
+    def _graphs_for(self, ctx: _Prefill) -> SegmentGraphs | None:
+        """The recorder when this prefill's segments are captured; None runs the layer-by-layer loop, as does
+        anything the recorder would have to freeze into a graph (tensor keyword arguments, gradients).
 
-        An exit rule decides between layers, so its prefill stays layer by layer; so does anything
-        the recorder would have to freeze into a graph (tensor keyword arguments, gradients).
+        An exit rule runs eagerly between segments, on the host's schedule: its segments end after each
+        layer it is asked at and where its decisions land.
         """
         graphs = self.controller.graphs
         if graphs is None:
             return None
-        if dynamic is not None or not self._capturing(graphs, ctx.batch, ctx.like.device, ctx.kwargs):
+        if not self._capturing(graphs, ctx.batch, ctx.like.device, ctx.kwargs):
             graphs.stats.eager += 1
             return None
         graphs.check_model(self.lm)

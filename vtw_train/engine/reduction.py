@@ -27,7 +27,9 @@ from ..flops import ExitPlan
 
 #: ``f(layer, hidden_full_rows, rows, visual, padding) -> BoolTensor[len(rows)] | None``: called
 #: after ``layer`` for the samples still reading visual tokens; True withdraws them from
-#: ``layer + 1`` on. The learned gate plugs in here.
+#: ``layer + 1 + lag`` on. The learned gate plugs in here. Optional attributes: ``lag`` (int, default
+#: 0) and ``asked_layers`` (the layers after which it may fire, default every layer), which lets
+#: graph-captured prefill record the layers in between as one graph.
 ExitRule = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor | None]
 
 ExitLayer = int | torch.Tensor | None
