@@ -166,6 +166,20 @@ class _LaggedDecisions:
         return fired
 
 
+def _segment_ends(plan: _Plan, num_layers: int, fastv, rule, decisions: _LaggedDecisions | None) -> set[int]:
+    """Layers before which a group of rows may change, so a graph segment must end: each exit layer, FastV's
+    layer and the one before it (whose input FastV ranks from), and for an exit rule each layer after
+    one it is asked at (it reads that output) and each layer where one of its decisions lands."""
+    ends = {k for k in plan.exits if 0 < k < num_layers}
+    if fastv is not None:
+        ends |= {fastv.layer - 1, fastv.layer}
+    if decisions is not None:
+        asked = getattr(rule, "asked_layers", None)
+        asked = range(num_layers) if asked is None else asked
+        ends |= {a + step for a in asked for step in (1, 1 + decisions.lag) if a + step < num_layers}
+    return ends
+
+
 def _put_layer(cache: Any, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
     """Make a segment's keys and values the prefill cache of ``layer_idx`` (no copy: they are fresh tensors)."""
     if cache is None:
@@ -493,15 +507,7 @@ class WithdrawalForward:
         previous_input = None
         streams: list[str] = []  # what each layer's cache holds, for decoding
         graphs = self._graphs_for(ctx)
-        # Segments end where a group changes: at an exit and around FastV's layer.
-        ends = {k for k in plan.exits if 0 < k < num_layers}
-        ends |= set() if fastv is None else {fastv.layer - 1, fastv.layer}
-        if (
-            decisions is not None
-        ):  # after each asked layer (the rule reads its output) and where a decision lands
-            asked = getattr(dynamic, "asked_layers", None)
-            asked = range(num_layers) if asked is None else asked
-            ends |= {a + step for a in asked for step in (1, 1 + decisions.lag) if a + step < num_layers}
+        ends = _segment_ends(plan, num_layers, fastv, dynamic, decisions) if graphs is not None else set()
 
         layer_idx = 0
         while layer_idx < num_layers:
