@@ -168,9 +168,8 @@ class GateExitRule:
 
     def __init__(self, gate: ExitGate, tau: float | None = None) -> None:
         self.lag = gate.config.lag  # the engine applies a decision made after layer l from l + 1 + lag
-        self.asked_layers = frozenset(
-            gate.config.candidate_layers
-        )  # read by the engine to cut graph segments
+        # The engine reads lag and asked_layers to cut graph-captured prefill where decisions are taken.
+        self.asked_layers = frozenset(gate.config.candidate_layers)
         self.gate = gate
         self.tau = gate.config.tau if tau is None else tau
         self.last_probabilities: dict[int, torch.Tensor] = {}
@@ -190,11 +189,26 @@ class GateExitRule:
     def __call__(self, layer, hidden, rows, visual, padding):
         if layer not in self.asked_layers:
             return None
-        pooling = self._pooling_weights(rows, visual, padding)
         with torch.no_grad():
-            p = torch.sigmoid(self.gate(gate_features(hidden, pooling=pooling), layer))
-        self.last_probabilities[layer] = p
-        return p >= self.tau
+            p, fire = self.decide(layer, hidden, self.prepare(rows, visual, padding))
+        self.observe(layer, p)
+        return fire
+
+    # The staged form (vtw_train.engine.reduction.StagedExitRule), recorded into graph-captured prefill.
+    def prepare(self, rows: torch.Tensor, visual: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
+        return self._pooling_weights(rows, visual, padding)
+
+    def decide(
+        self, layer: int, hidden: torch.Tensor, prepared: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        p = torch.sigmoid(self.gate(gate_features(hidden, pooling=prepared), layer))
+        return p, p >= self.tau
+
+    def observe(self, layer: int, probability: torch.Tensor) -> None:
+        self.last_probabilities[layer] = probability
+
+    def graph_key(self) -> tuple:
+        return id(self.gate), self.tau, tuple(p.data_ptr() for p in self.gate.parameters())
 
 
 def check_policy(policy: str) -> None:

@@ -316,3 +316,32 @@ def test_graphs_can_be_paused_without_recording_again():
     assert torch.equal(graphed.logits, eager.logits) and torch.equal(again.logits, eager.logits)
     with pytest.raises(TypeError, match="recorder or settings"):
         controller.enable_graphs(GraphSettings(), recorder=kept)
+
+
+@pytest.mark.parametrize("lag", [0, 1])
+def test_the_gate_is_asked_inside_the_recorded_graphs_with_the_eager_decisions(monkeypatch, lag):
+    """Asking the gate costs no launch of its own: its step is part of the graph of the layers before it."""
+    model = tiny_model("llava", num_layers=LAYERS)
+    inputs = tiny_inputs(model, batch_size=3, seed=1)
+    controller = vtw_train.attach(model)
+    rule = gate_rule(lag=lag, tau=0.5)
+    controller.reduction = Reduction(exit_rule=rule)
+    (want,) = run(model, [inputs])
+    want_exits, want_p = (
+        controller.last_exit_layers,
+        {k: v.clone() for k, v in rule.last_probabilities.items()},
+    )
+    assert 0 < int((want_exits < LAYERS).sum()) < 3, "the test needs some rows to exit and some not"
+
+    def never(*args):
+        raise AssertionError("the gate was called eagerly")
+
+    controller.enable_graphs(capture=TraceReplay)
+    rule.last_probabilities.clear()
+    monkeypatch.setattr(GateExitRule, "__call__", never)
+    for _ in range(2):  # recorded, then replayed
+        (got,) = run(model, [inputs])
+        assert torch.equal(got.logits, want.logits) and torch.equal(controller.last_exit_layers, want_exits)
+        assert rule.last_probabilities.keys() == want_p.keys()
+        for layer, p in want_p.items():
+            assert torch.equal(rule.last_probabilities[layer], p), layer

@@ -111,8 +111,8 @@ class ExitController:
 
         Pays off where launches, not the GPU, bound the prefill: batch 1 to a few rows on a large GPU.
         Applies under ``torch.no_grad()`` / ``inference_mode()`` with the model in eval mode, to prompts
-        with visual tokens, under any reduction (an exit rule such as the gate runs eagerly between
-        segments, after the layers it is asked at). Elsewhere, and on a CPU, prefill runs eagerly as before. A graph is
+        with visual tokens, under any reduction (the gate's step is recorded with the layers before it).
+        Elsewhere, and on a CPU, prefill runs eagerly as before. A graph is
         recorded per segment and shape on first use (a few eager runs, then one capture), so time a
         warm model. ``capture`` replaces the CUDA recorder (tests use a CPU stand-in); ``recorder`` turns
         graphs back on with the graphs a ``disable_graphs(release=False)`` kept.

@@ -24,6 +24,7 @@ from .frozen import frozen_layer_forward
 from .graphs import SegmentGraphs, segment_inputs_are_tensors
 from .grouped import GroupedLayer, KVGroup, device_index, group_masks, grouped_attention_for
 from .layout import TextLayout, build_text_layout
+from .reduction import StagedExitRule
 
 if TYPE_CHECKING:
     from .families import FamilyAdapter
@@ -180,6 +181,12 @@ def _segment_ends(plan: _Plan, num_layers: int, fastv, rule, decisions: _LaggedD
     return ends
 
 
+def _may_ask(rule: Any, layer: int) -> bool:
+    """Whether ``rule`` may fire after ``layer`` (a rule without ``asked_layers`` is asked after every layer)."""
+    asked = getattr(rule, "asked_layers", None)
+    return asked is None or layer in asked
+
+
 def _put_layer(cache: Any, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
     """Make a segment's keys and values the prefill cache of ``layer_idx`` (no copy: they are fresh tensors)."""
     if cache is None:
@@ -196,6 +203,17 @@ def _put_layer(cache: Any, layer_idx: int, keys: torch.Tensor, values: torch.Ten
 def _read(host: torch.Tensor) -> list[bool]:
     """A host-side (or CPU) tensor's values; the only place the engine reads decisions."""
     return host.tolist()
+
+
+@dataclass
+class _Asked:
+    """A decision an exit rule took inside a recorded segment, after its last layer; the loop hands it to
+    the lagged reader at the next cut, where it would otherwise have asked the rule."""
+
+    layer: int
+    rows: list[int]
+    probability: torch.Tensor
+    fire: torch.Tensor
 
 
 @dataclass
@@ -508,16 +526,22 @@ class WithdrawalForward:
         streams: list[str] = []  # what each layer's cache holds, for decoding
         graphs = self._graphs_for(ctx)
         ends = _segment_ends(plan, num_layers, fastv, dynamic, decisions) if graphs is not None else set()
+        staged = dynamic if isinstance(dynamic, StagedExitRule) else None
+        asked: _Asked | None = None
 
         layer_idx = 0
         while layer_idx < num_layers:
             if fastv is not None and layer_idx == fastv.layer and len(full):
                 full, reduced = self._prune(full, previous_input, fastv, ctx)
-            if decisions is not None and layer_idx > 0 and len(full):
+            if asked is not None and asked.layer == layer_idx - 1:  # taken inside the last segment's graph
+                decisions.add(asked.layer, asked.rows, asked.fire)
+                dynamic.observe(asked.layer, asked.probability)
+            elif decisions is not None and layer_idx > 0 and len(full) and _may_ask(dynamic, layer_idx - 1):
                 seen = (visual, attention_mask) if reduced is None else (reduced.visual, reduced.layout.valid)
                 fire = dynamic(layer_idx - 1, full.hidden, full.index, *seen)
                 if fire is not None:
                     decisions.add(layer_idx - 1, full.rows, fire)
+            asked = None
             if decisions is not None:
                 for row in decisions.due(layer_idx):
                     exits[row] = min(exits[row], layer_idx)
@@ -529,7 +553,13 @@ class WithdrawalForward:
 
             if graphs is not None:
                 stop = min((e for e in ends if e > layer_idx), default=num_layers)
-                streams += self._run_segment(layer_idx, stop, full, text, reduced, ctx, cache, graphs)
+                rule = (
+                    staged
+                    if staged is not None and self._decides_in_graph(staged, stop, fastv, full)
+                    else None
+                )
+                ran, asked = self._run_segment(layer_idx, stop, full, text, reduced, ctx, cache, graphs, rule)
+                streams += ran
                 layer_idx = stop
                 continue
             if not len(text) or not len(full):
@@ -687,6 +717,13 @@ class WithdrawalForward:
         return mask, c, s, None  # gathered positions have gaps; flash-attention would read them as packed
 
     # ------------------------------------------------------------------ graph-captured segments
+    def _decides_in_graph(self, rule: StagedExitRule, stop: int, fastv, full: _Group) -> bool:
+        """Whether the rule is asked after layer ``stop`` - 1 and can be asked inside the segment's graph: not at
+        FastV's layer, where the loop asks it after pruning (on the reduced stream)."""
+        if not len(full) or stop - 1 not in rule.asked_layers:
+            return False
+        return fastv is None or stop != fastv.layer
+
     def _graphs_for(self, ctx: _Prefill) -> SegmentGraphs | None:
         """The recorder when this prefill's segments are captured; None runs the layer-by-layer loop, as does
         anything the recorder would have to freeze into a graph (tensor keyword arguments, gradients).
@@ -711,10 +748,16 @@ class WithdrawalForward:
         )
 
     def _run_segment(self, first: int, stop: int, full: _Group, text: _Group, reduced: _Stream | None,
-                     ctx: _Prefill, cache, graphs: SegmentGraphs) -> list[str]:  # fmt: skip
-        """Layers ``first``..``stop``-1, in which no sample changes group, one recorded segment per group."""
+                     ctx: _Prefill, cache, graphs: SegmentGraphs,
+                     rule: StagedExitRule | None = None) -> tuple[list[str], _Asked | None]:  # fmt: skip
+        """Layers ``first``..``stop``-1, in which no sample changes group, one recorded segment per group.
+
+        With ``rule``, the full group's segment also takes the rule's decision after layer ``stop`` - 1,
+        so asking it costs no launch of its own.
+        """
         with_kv = cache is not None
         ran: list[tuple[_Group, list[torch.Tensor], list[torch.Tensor]]] = []
+        asked = None
         for group, stream in ((full, reduced), (text, ctx.text)):
             if not len(group):
                 continue
@@ -725,17 +768,37 @@ class WithdrawalForward:
                     "controller.disable_graphs() for this model."
                 )
             stream_name = FULL if stream is None else stream.name
-            inputs = [group.hidden, mask, c, s, pos]
+            inputs: list[torch.Tensor | None] = [group.hidden, mask, c, s, pos] + [None] * 5
             # ShortV's frozen layers apply in the full stream; their text layout is an input too.
             frozen = tuple(i for i in range(first, stop) if i in ctx.frozen) if stream is None else ()
             if frozen:
                 rows = group.index
                 layout = ctx.text.layout.select(rows, ctx.text.width(ctx.plan, group.rows))
                 padding = None if ctx.padding is None else ctx.padding[rows]
-                inputs += [ctx.visual[rows], padding, layout.index, layout.valid]
-            key = (first, stop, stream_name, with_kv, frozen)
-            segment = self._segment(first, stop, with_kv, ctx.kwargs, frozen, ctx.visual.shape[1])
+                inputs[5:9] = [ctx.visual[rows], padding, layout.index, layout.valid]
+            deciding = rule if group is full else None
+            if deciding is not None:
+                seen = (
+                    (ctx.visual, ctx.padding) if reduced is None else (reduced.visual, reduced.layout.valid)
+                )
+                inputs[9] = deciding.prepare(group.index, *seen)
+            key = (
+                first,
+                stop,
+                stream_name,
+                with_kv,
+                frozen,
+                None if deciding is None else deciding.graph_key(),
+            )
+            segment = self._segment(first, stop, with_kv, ctx.kwargs, frozen, ctx.visual.shape[1], deciding)
             outputs, replayed = graphs.run(key, segment, inputs)
+            if deciding is not None:
+                outputs, (probability, fire) = outputs[:-2], outputs[-2:]
+                # The probability is kept by the rule, so it leaves the replay buffer; the decision is copied
+                # to the host by the lagged reader before anything can replay this graph again.
+                asked = _Asked(
+                    stop - 1, list(group.rows), probability.clone() if replayed else probability, fire
+                )
             group.hidden, keys, values = self._segment_outputs(outputs, stop - first, with_kv, replayed)
             ran.append((group, keys, values))
         if len(ran) == 1:
@@ -743,7 +806,7 @@ class WithdrawalForward:
             name = FULL if group is full and reduced is None else (reduced.name if group is full else TEXT)
             for offset, (k, v) in enumerate(zip(keys, values, strict=True)):
                 _put_layer(cache, first + offset, k, v)
-            return [name] * (stop - first)
+            return [name] * (stop - first), asked
         if with_kv:
             (_, full_keys, full_values), (_, text_keys, text_values) = ran
             for offset in range(stop - first):
@@ -751,14 +814,15 @@ class WithdrawalForward:
                 captures[0].keys, captures[0].values = full_keys[offset], full_values[offset]
                 captures[1].keys, captures[1].values = text_keys[offset], text_values[offset]
                 self._store_grouped(cache, first + offset, captures, full, text, reduced, ctx)
-        return [MIXED] * (stop - first)
+        return [MIXED] * (stop - first), asked
 
     def _segment(self, first: int, stop: int, with_kv: bool, kwargs: dict[str, Any], frozen: tuple[int, ...],
-                 full_length: int):  # fmt: skip
+                 full_length: int, rule: StagedExitRule | None):  # fmt: skip
         """Layers ``first``..``stop``-1 as a pure function of tensors: it returns its keys and values instead
-        of writing a cache, because a recorded graph replays kernels, not Python side effects."""
+        of writing a cache, because a recorded graph replays kernels, not Python side effects. With ``rule``,
+        it also returns the rule's probability and decision after its last layer."""
 
-        def segment(hidden, mask, cos, sin, positions, visual=None, padding=None, index=None, valid=None):
+        def segment(hidden, mask, cos, sin, positions, visual, padding, index, valid, prepared):
             layout = None if index is None else TextLayout(index=index, valid=valid, full_length=full_length)
             keys, values = [], []
             for layer_idx in range(first, stop):
@@ -773,7 +837,10 @@ class WithdrawalForward:
                 if capture is not None:
                     keys.append(capture.keys)
                     values.append(capture.values)
-            return (hidden, *keys, *values)
+            if rule is None:
+                return (hidden, *keys, *values)
+            probability, fire = rule.decide(stop - 1, hidden, prepared)
+            return (hidden, *keys, *values, probability, fire)
 
         return segment
 

@@ -34,6 +34,37 @@ ExitRule = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
 
 ExitLayer = int | torch.Tensor | None
 
+
+@runtime_checkable
+class StagedExitRule(Protocol):
+    """An exit rule whose per-layer step is a pure function of tensors (optional; the gate is one).
+
+    Graph-captured prefill records ``decide`` into the graph of the layers before it, so asking the
+    rule launches nothing of its own; the layer-by-layer loop calls the rule itself as usual.
+    """
+
+    lag: int
+    asked_layers: frozenset[int]
+
+    def prepare(self, rows: torch.Tensor, visual: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
+        """Tensors the decisions of ``rows`` need at every asked layer (computed once, outside any graph)."""
+        ...
+
+    def decide(
+        self, layer: int, hidden: torch.Tensor, prepared: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(probability [n], fire [n] bool)`` after ``layer``; no Python state may change here."""
+        ...
+
+    def observe(self, layer: int, probability: torch.Tensor) -> None:
+        """Told the probability of a decision taken inside a graph (what ``__call__`` would have kept)."""
+        ...
+
+    def graph_key(self) -> Any:
+        """Everything ``decide`` bakes into a recorded graph (thresholds, where its weights live)."""
+        ...
+
+
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
