@@ -11,7 +11,6 @@ across replays) gives wrong numbers or fails here, as it would on a GPU.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -52,8 +51,8 @@ class _Recorder(TorchDispatchMode):
 class TraceReplay:
     """Records ``segment`` as a list of aten operations; calling it replays them on new inputs."""
 
-    def __init__(self, segment, inputs: Sequence[torch.Tensor | None], warmup: int) -> None:
-        self.static = [None if t is None else t.clone() for t in inputs]
+    def __init__(self, segment, static: list[torch.Tensor | None], warmup: int) -> None:
+        self.static = static  # the caller writes each call's inputs here; the recording reads them in place
         for _ in range(warmup):
             segment(*self.static)
         recorder = _Recorder()
@@ -72,11 +71,8 @@ class TraceReplay:
         self._keep = recorder.keep
         self.replays = 0
 
-    def __call__(self, inputs: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
-        for static, new in zip(self.static, inputs, strict=True):
-            if static is not None:
-                static.copy_(new)
-        env: dict[int, torch.Tensor] = {id(t): t for t in self.static if t is not None}
+    def __call__(self) -> list[torch.Tensor]:
+        env: dict[int, torch.Tensor] = {}  # what each recorded tensor is in this replay (inputs: themselves)
 
         def current(value):
             return env.get(id(value), value) if isinstance(value, torch.Tensor) else value

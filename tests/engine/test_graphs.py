@@ -173,8 +173,10 @@ def test_a_segment_that_keeps_state_in_python_gives_stale_results_under_replay()
         seen["y"] = y  # a cache-like side effect
         return (y + 1,)
 
-    replay = TraceReplay(keeps, [torch.ones(2)], warmup=0)
-    out = replay([torch.full((2,), 5.0)])
+    static = [torch.ones(2)]
+    replay = TraceReplay(keeps, static, warmup=0)
+    static[0].copy_(torch.full((2,), 5.0))  # a new input, written where the recording reads it
+    out = replay()
     assert torch.equal(out[0], torch.full((2,), 11.0))  # outputs are replayed
     assert torch.equal(seen["y"], torch.full((2,), 2.0))  # the side effect is the capture's, not the replay's
 
@@ -345,3 +347,47 @@ def test_the_gate_is_asked_inside_the_recorded_graphs_with_the_eager_decisions(m
         assert rule.last_probabilities.keys() == want_p.keys()
         for layer, p in want_p.items():
             assert torch.equal(rule.last_probabilities[layer], p), layer
+
+
+def test_segments_share_context_buffers_and_read_each_other_in_place(monkeypatch):
+    """Per replay, only what changed is written: a new hidden state, not the rotary tables every graph reads,
+    nor the previous graph's output, which the next graph reads where it lies."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from vtw_train.engine.graphs import SegmentGraphs
+
+    class Copies(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Copies.count += func._schema.name == "aten::copy_"
+            return func(*args, **(kwargs or {}))
+
+    graphs = SegmentGraphs(capture=TraceReplay)
+    load = graphs._load
+
+    def counted(*args):
+        with Copies():
+            load(*args)
+
+    monkeypatch.setattr(graphs, "_load", counted)
+
+    def segment(hidden, table):
+        return (hidden * table + 1,)
+
+    table, shared = torch.randn(4), frozenset({1})
+
+    def prefill(hidden):
+        (first,), _ = graphs.run("first", segment, [hidden, table], shared)
+        (second,), _ = graphs.run("second", segment, [first, table], shared)
+        return second.clone()
+
+    prefill(torch.randn(4))  # records both
+    Copies.count = 0
+    hidden = torch.randn(4)
+    got = prefill(hidden)
+    assert torch.allclose(got, (hidden * table + 1) * table + 1)
+    assert Copies.count == 1, "only the new hidden state is written"
+    table = torch.randn(4)  # a new tensor in the shared role: written once, read by both graphs
+    Copies.count = 0
+    assert torch.allclose(prefill(hidden), (hidden * table + 1) * table + 1) and Copies.count == 2

@@ -181,6 +181,11 @@ def _segment_ends(plan: _Plan, num_layers: int, fastv, rule, decisions: _LaggedD
     return ends
 
 
+#: Segment inputs after the hidden states (mask, rotary tables, positions, frozen-layer layout, the rule's
+#: prepared tensors): the same tensors for many segments of one prefill, so graphs share their buffers.
+_CONTEXT_INPUTS = frozenset(range(1, 10))
+
+
 def _may_ask(rule: Any, layer: int) -> bool:
     """Whether ``rule`` may fire after ``layer`` (a rule without ``asked_layers`` is asked after every layer)."""
     asked = getattr(rule, "asked_layers", None)
@@ -791,7 +796,7 @@ class WithdrawalForward:
                 None if deciding is None else deciding.graph_key(),
             )
             segment = self._segment(first, stop, with_kv, ctx.kwargs, frozen, ctx.visual.shape[1], deciding)
-            outputs, replayed = graphs.run(key, segment, inputs)
+            outputs, replayed = graphs.run(key, segment, inputs, shared=_CONTEXT_INPUTS)
             if deciding is not None:
                 outputs, (probability, fire) = outputs[:-2], outputs[-2:]
                 # The probability is kept by the rule, so it leaves the replay buffer; the decision is copied

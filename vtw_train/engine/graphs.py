@@ -54,39 +54,37 @@ class GraphSettings:
 
 
 class Replay(Protocol):
-    """A captured segment: call it with new inputs (same shapes) to get its outputs.
+    """A recorded segment. It reads its inputs from ``static`` (the caller writes new values there first)
+    and returns the same output tensors on every call, overwritten in place."""
 
-    Outputs are the same tensors on every call, overwritten in place; the caller copies what it keeps.
-    """
+    static: list[torch.Tensor | None]
+    outputs: list[torch.Tensor]
 
-    def __call__(self, inputs: Sequence[torch.Tensor | None]) -> Sequence[torch.Tensor]: ...
+    def __call__(self) -> Sequence[torch.Tensor]: ...
 
 
-Capture = Callable[[Segment, Sequence[torch.Tensor | None], int], Replay]
-"""Records ``segment`` on example inputs (after ``warmup`` eager runs) and returns its replay."""
+Capture = Callable[[Segment, list[torch.Tensor | None], int], Replay]
+"""Records ``segment`` reading the given input buffers (after ``warmup`` eager runs) and returns its replay."""
 
 
 class CudaGraphReplay:
-    """One segment recorded as a ``torch.cuda.CUDAGraph``, with static input and output buffers."""
+    """One segment recorded as a ``torch.cuda.CUDAGraph``."""
 
-    def __init__(self, segment: Segment, inputs: Sequence[torch.Tensor | None], warmup: int) -> None:
-        self.static = [None if t is None else t.clone() for t in inputs]
-        device = next(t.device for t in inputs if t is not None)
+    def __init__(self, segment: Segment, static: list[torch.Tensor | None], warmup: int) -> None:
+        self.static = static
+        device = next(t.device for t in static if t is not None)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # warm-up off the capture stream, as CUDA graphs require
             for _ in range(warmup):
-                segment(*self.static)
+                segment(*static)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: CUDA calls from other threads (a data loader's pinning thread) do not break the capture.
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.outputs = list(segment(*self.static))
+            self.outputs = list(segment(*static))
 
-    def __call__(self, inputs: Sequence[torch.Tensor | None]) -> Sequence[torch.Tensor]:
-        for static, new in zip(self.static, inputs, strict=True):
-            if static is not None and static.data_ptr() != new.data_ptr():
-                static.copy_(new)
+    def __call__(self) -> Sequence[torch.Tensor]:
         self.graph.replay()
         return self.outputs
 
@@ -123,6 +121,9 @@ class SegmentGraphs:
         self.settings = settings or GraphSettings()
         self._capture = capture
         self._graphs: OrderedDict[Hashable, Replay] = OrderedDict()
+        self._live: dict[int, torch.Tensor] = {}  # outputs of the recorded graphs, by id
+        self._shared: dict[Hashable, torch.Tensor] = {}  # input buffers read by many graphs
+        self._written: dict[int, torch.Tensor] = {}  # what each shared buffer holds now
         self._model_signature: Hashable = None
         self._watch = _ModelWatch()
         self._broken = False
@@ -144,17 +145,27 @@ class SegmentGraphs:
     def clear(self) -> None:
         """Release every recorded graph (and the memory it holds)."""
         self._graphs.clear()
+        self._live.clear()
+        self._shared.clear()
+        self._written.clear()
 
     def __len__(self) -> int:
         return len(self._graphs)
 
     def run(
-        self, key: Hashable, segment: Segment, inputs: Sequence[torch.Tensor | None]
+        self,
+        key: Hashable,
+        segment: Segment,
+        inputs: Sequence[torch.Tensor | None],
+        shared: frozenset[int] = frozenset(),
     ) -> tuple[Sequence[torch.Tensor], bool]:
         """The segment's outputs, and whether they are replay buffers (to be copied before the next replay).
 
         ``key`` names the segment (its layers and anything its Python code branches on); input shapes are
-        added here. If recording fails, graphs are switched off for good and the segment runs eagerly.
+        added here. Inputs at the positions in ``shared`` are the same tensors for many segments of a
+        prefill (rotary tables, masks): graphs of the same shapes read them from one buffer, written once
+        per new tensor rather than once per graph. An input that is another graph's output is read where
+        it lies. If recording fails, graphs are switched off for good and the segment runs eagerly.
         """
         if self._broken:  # a capture failed earlier in this prefill
             return segment(*inputs), False
@@ -162,23 +173,63 @@ class SegmentGraphs:
         full_key = (key, torch.is_inference_mode_enabled(), tuple(_signature_of(t) for t in inputs))
         replay = self._graphs.get(full_key)
         if replay is None:
+            static = [self._buffer_for(i, t, i in shared) for i, t in enumerate(inputs)]
+            self._load(static, inputs, shared)
             try:
-                replay = self._record(segment, inputs)
+                replay = self._record(segment, static)
             except Exception as err:  # noqa: BLE001 - any capture failure falls back to the eager path
                 self._give_up(err)
                 return segment(*inputs), False
             self._graphs[full_key] = replay
+            self._live.update((id(t), t) for t in replay.outputs)
             while len(self._graphs) > self.settings.max_graphs:
-                self._graphs.popitem(last=False)
-                self.stats.evicted += 1
+                self._evict_oldest()
         else:
             self._graphs.move_to_end(full_key)
+            self._load(replay.static, inputs, shared)
         self.stats.replays += 1
-        return replay(inputs), True
+        return replay(), True
 
-    def _record(self, segment: Segment, inputs: Sequence[torch.Tensor | None]) -> Replay:
+    def _evict_oldest(self) -> None:
+        _, evicted = self._graphs.popitem(last=False)
+        for t in evicted.outputs:
+            self._live.pop(id(t), None)
+        read = {id(t) for replay in self._graphs.values() for t in replay.static if t is not None}
+        for slot, buffer in list(self._shared.items()):
+            if id(buffer) not in read:  # no graph left reads it
+                del self._shared[slot]
+                self._written.pop(id(buffer), None)
+        self.stats.evicted += 1
+
+    def _buffer_for(self, position: int, tensor: torch.Tensor | None, shared: bool) -> torch.Tensor | None:
+        if tensor is None:
+            return None
+        if shared:
+            slot = (position, _signature_of(tensor), torch.is_inference_mode_enabled())
+            if slot not in self._shared:
+                self._shared[slot] = torch.empty_like(tensor, memory_format=torch.contiguous_format)
+            return self._shared[slot]
+        if self._live.get(id(tensor)) is tensor:  # another graph's output: read in place
+            return tensor
+        return torch.empty_like(tensor, memory_format=torch.contiguous_format)
+
+    def _load(
+        self, static: list[torch.Tensor | None], inputs: Sequence[torch.Tensor | None], shared: frozenset[int]
+    ) -> None:
+        """Write this call's inputs into the buffers a graph reads; a shared buffer that already holds the same
+        tensor (the previous segment's rotary table) is left alone."""
+        for position, (buffer, tensor) in enumerate(zip(static, inputs, strict=True)):
+            if buffer is None or buffer is tensor:
+                continue
+            if position in shared:
+                if self._written.get(id(buffer)) is tensor:
+                    continue
+                self._written[id(buffer)] = tensor
+            buffer.copy_(tensor)
+
+    def _record(self, segment: Segment, static: list[torch.Tensor | None]) -> Replay:
         capture = self._capture or CudaGraphReplay
-        replay = capture(segment, inputs, self.settings.warmup)
+        replay = capture(segment, static, self.settings.warmup)
         self.stats.captures += 1
         return replay
 
