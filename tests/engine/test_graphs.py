@@ -88,6 +88,16 @@ def run(model, batches):
         return [model(**b) for b in batches]
 
 
+def eager_reference(reduction: Reduction, batch_size: int, seed: int):
+    """A tiny LLaVA under ``reduction``, its inputs, its controller and its eager outputs (graphs off)."""
+    model = tiny_model("llava", num_layers=LAYERS)
+    inputs = tiny_inputs(model, batch_size=batch_size, seed=seed)
+    controller = vtw_train.attach(model)
+    controller.reduction = reduction
+    (want,) = run(model, [inputs])
+    return model, inputs, controller, want
+
+
 @pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
 @pytest.mark.parametrize("name", list(REDUCTIONS))
 def test_recorded_segments_replay_the_eager_engine_exactly(family, name):
@@ -182,11 +192,7 @@ def test_a_segment_that_keeps_state_in_python_gives_stale_results_under_replay()
 
 
 def test_where_graphs_cannot_apply_prefill_runs_eagerly_with_the_same_numbers():
-    model = tiny_model("llava", num_layers=LAYERS)
-    inputs = tiny_inputs(model, batch_size=3, seed=3)
-    controller = vtw_train.attach(model)
-    controller.reduction = Reduction(exit_layer=2)
-    (want,) = run(model, [inputs])
+    model, inputs, controller, want = eager_reference(Reduction(exit_layer=2), batch_size=3, seed=3)
 
     graphs = controller.enable_graphs()  # the CUDA recorder, on a CPU model: the CPU fallback
     (got,) = run(model, [inputs])
@@ -239,11 +245,8 @@ def test_changed_weights_or_adapters_are_never_replayed_from_a_stale_graph():
 
 
 def test_at_most_max_graphs_are_kept():
-    model = tiny_model("llava", num_layers=LAYERS)
-    inputs = tiny_inputs(model, batch_size=3, seed=5)
-    controller = vtw_train.attach(model)
-    controller.reduction = Reduction(exit_layer=torch.tensor([1, 3, LAYERS]))
-    (want,) = run(model, [inputs])
+    mix = Reduction(exit_layer=torch.tensor([1, 3, LAYERS]))
+    model, inputs, controller, want = eager_reference(mix, batch_size=3, seed=5)
     graphs = controller.enable_graphs(GraphSettings(max_graphs=2), capture=TraceReplay)
     for _ in range(2):
         (got,) = run(model, [inputs])
@@ -252,11 +255,7 @@ def test_at_most_max_graphs_are_kept():
 
 
 def test_a_failed_capture_warns_once_and_falls_back_to_eager():
-    model = tiny_model("llava", num_layers=LAYERS)
-    inputs = tiny_inputs(model, batch_size=2, seed=6)
-    controller = vtw_train.attach(model)
-    controller.reduction = Reduction(exit_layer=2)
-    (want,) = run(model, [inputs])
+    model, inputs, controller, want = eager_reference(Reduction(exit_layer=2), batch_size=2, seed=6)
 
     def broken(segment, inputs, warmup):
         raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
@@ -289,11 +288,7 @@ def test_detach_releases_graphs():
 
 def test_inference_mode_and_no_grad_keep_separate_graphs():
     """Buffers recorded under ``inference_mode`` cannot be written under ``no_grad``: each mode records its own."""
-    model = tiny_model("llava", num_layers=LAYERS)
-    inputs = tiny_inputs(model, batch_size=2, seed=8)
-    controller = vtw_train.attach(model)
-    controller.exit_layer = 2
-    (want,) = run(model, [inputs])
+    model, inputs, controller, want = eager_reference(Reduction(exit_layer=2), batch_size=2, seed=8)
     graphs = controller.enable_graphs(capture=TraceReplay)
     with torch.inference_mode():
         first = model(**inputs)
@@ -323,12 +318,8 @@ def test_graphs_can_be_paused_without_recording_again():
 @pytest.mark.parametrize("lag", [0, 1])
 def test_the_gate_is_asked_inside_the_recorded_graphs_with_the_eager_decisions(monkeypatch, lag):
     """Asking the gate costs no launch of its own: its step is part of the graph of the layers before it."""
-    model = tiny_model("llava", num_layers=LAYERS)
-    inputs = tiny_inputs(model, batch_size=3, seed=1)
-    controller = vtw_train.attach(model)
     rule = gate_rule(lag=lag, tau=0.5)
-    controller.reduction = Reduction(exit_rule=rule)
-    (want,) = run(model, [inputs])
+    model, inputs, controller, want = eager_reference(Reduction(exit_rule=rule), batch_size=3, seed=1)
     want_exits, want_p = (
         controller.last_exit_layers,
         {k: v.clone() for k, v in rule.last_probabilities.items()},
