@@ -121,3 +121,22 @@ def test_graphed_rows_sit_next_to_their_eager_twins_with_the_same_output(tmp_pat
         assert r["flops_speedup"] == pytest.approx(eager["flops_speedup"])
     assert recorders[0].stats.captures > 0 and recorders[0].stats.replays > recorders[0].stats.captures
     assert "diff vs eager" in (tmp_path / "benchmark.md").read_text()
+
+
+def test_the_gpu_script_runs_at_a_small_shape_on_the_cpu(tmp_path):
+    """``scripts/benchmark_gpu.sh`` is what a GPU machine runs in one go; here it runs at a CPU shape."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PRESET": "cpu_small", "DEVICE": "cpu", "DTYPE": "float32", "BATCHES": "[1]", "DECODE": "0",
+           "REPEATS": "1", "LAYERS": "4", "OUT": str(tmp_path)}  # fmt: skip
+    done = subprocess.run(["bash", str(root / "scripts" / "benchmark_gpu.sh")], env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((tmp_path / "benchmark.json").read_text())["results"]
+    graphed = [r for r in results if r["graphs"]]
+    assert graphed and all(r["max_abs_diff_vs_eager"] == 0.0 for r in graphed)
