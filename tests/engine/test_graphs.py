@@ -7,6 +7,8 @@ by the next replay. Every comparison is against the eager engine on the same inp
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from graph_emulator import CaptureError, TraceReplay
@@ -248,10 +250,21 @@ def test_at_most_max_graphs_are_kept():
     mix = Reduction(exit_layer=torch.tensor([1, 3, LAYERS]))
     model, inputs, controller, want = eager_reference(mix, batch_size=3, seed=5)
     graphs = controller.enable_graphs(GraphSettings(max_graphs=2), capture=TraceReplay)
-    for _ in range(2):
+    with pytest.warns(RuntimeWarning, match="more than GraphSettings.max_graphs=2"):  # 5 segments per prefill
         (got,) = run(model, [inputs])
-        assert torch.equal(got.logits, want.logits)
+    assert torch.equal(got.logits, want.logits)
+    (got,) = run(model, [inputs])  # warned once
+    assert torch.equal(got.logits, want.logits)
     assert len(graphs) == 2 and graphs.stats.evicted > 0
+
+    # Enough room for one prefill: shapes that come and go are evicted without a warning.
+    controller.exit_layer = 2  # two graphs per prefill
+    graphs = controller.enable_graphs(GraphSettings(max_graphs=3), capture=TraceReplay)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for batch in (1, 2, 1):
+            run(model, [tiny_inputs(model, batch_size=batch, seed=5)])
+    assert graphs.stats.evicted > 0
 
 
 def test_a_failed_capture_warns_once_and_falls_back_to_eager():

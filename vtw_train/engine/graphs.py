@@ -39,9 +39,10 @@ class GraphSettings:
     max_batch: int = 8
     """Capture only prefills of at most this many rows. Larger batches keep the GPU busy on their own, and
     a graph holds its own copy of every intermediate and of the segment's keys and values."""
-    max_graphs: int = 16
+    max_graphs: int = 96
     """Graphs kept, least recently used dropped first. One graph per (segment, batch, widths); a new prompt
-    length is a new shape."""
+    length is a new shape. A gate asked after every layer makes one segment per layer, so a 32-layer
+    decoder needs 32 graphs per prompt shape."""
     warmup: int = 2
     """Eager runs of a new shape before it is captured (cuBLAS and SDPA pick their kernels there)."""
 
@@ -127,6 +128,9 @@ class SegmentGraphs:
         self._model_signature: Hashable = None
         self._watch = _ModelWatch()
         self._broken = False
+        self._prefill = 0  # prefills seen, so an eviction can tell whether it undoes this prefill's work
+        self._recorded_in: dict[int, int] = {}  # id(replay) -> the prefill that recorded it
+        self._warned_small = False
         self.stats = GraphStats()
 
     def active_for(self, device: torch.device, batch: int) -> bool:
@@ -136,7 +140,9 @@ class SegmentGraphs:
         return self._capture is not None or device.type == "cuda"
 
     def check_model(self, language_model: nn.Module) -> None:
-        """Drop every graph when the model's parameters or adapter state changed since they were recorded."""
+        """Called once per prefill: drops every graph when the model's parameters or adapter state changed
+        since they were recorded."""
+        self._prefill += 1
         signature = self._watch.signature(language_model)
         if signature != self._model_signature:
             self.clear()
@@ -145,6 +151,7 @@ class SegmentGraphs:
     def clear(self) -> None:
         """Release every recorded graph (and the memory it holds)."""
         self._graphs.clear()
+        self._recorded_in.clear()
         self._live.clear()
         self._shared.clear()
         self._written.clear()
@@ -181,6 +188,7 @@ class SegmentGraphs:
                 self._give_up(err)
                 return segment(*inputs), False
             self._graphs[full_key] = replay
+            self._recorded_in[id(replay)] = self._prefill
             self._live.update((id(t), t) for t in replay.outputs)
             while len(self._graphs) > self.settings.max_graphs:
                 self._evict_oldest()
@@ -192,6 +200,15 @@ class SegmentGraphs:
 
     def _evict_oldest(self) -> None:
         _, evicted = self._graphs.popitem(last=False)
+        if self._recorded_in.pop(id(evicted), None) == self._prefill and not self._warned_small:
+            self._warned_small = True
+            warnings.warn(
+                f"vtw_train: one prefill needs more than GraphSettings.max_graphs={self.settings.max_graphs} graphs, so "
+                "every prefill records its graphs again (slow). Raise max_graphs, or ask the gate less often "
+                "(GateConfig.ask_every).",
+                RuntimeWarning,
+                stacklevel=5,
+            )
         for t in evicted.outputs:
             self._live.pop(id(t), None)
         read = {id(t) for replay in self._graphs.values() for t in replay.static if t is not None}
