@@ -4,9 +4,10 @@ At batch 1 an eager 7B decoder is bound by Python launching kernels, not by the 
 layers after an exit are cheaper on the device, but each still costs its launches, so a shorter
 sequence barely shows as time. A CUDA graph records a run of layers once per shape and replays it
 with one launch. The engine cuts each prefill into *segments*, runs of consecutive layers in which
-no sample changes group (between exits, FastV's layer and frozen layers), and hands each segment
-to :class:`SegmentGraphs` as a pure function of tensors, so the same function runs eagerly (CPU,
-training, a batch over ``max_batch``) or is captured and replayed.
+no sample can change group (cut at exits, around FastV's layer and where an exit rule is asked), and
+hands each segment to :class:`SegmentGraphs` as a pure function of tensors, which records it once per
+shape and replays it. Where graphs do not apply (CPU, gradients, a batch over ``max_batch``) the
+prefill runs layer by layer as without them.
 
 Why a segment must be a pure function: a replay re-runs the recorded kernels only. Python side
 effects (a cache's ``update``) happen once, at capture, and outputs are the same buffers on every
@@ -103,8 +104,8 @@ class GraphStats:
     captures: int = 0
     replays: int = 0
     eager: int = 0
-    """Prefills run layer by layer while graphs were on (CPU, gradients on, a batch over ``max_batch``, an
-    exit rule)."""
+    """Prefills run layer by layer while graphs were on (CPU, gradients on, training mode, a batch over
+    ``max_batch``)."""
     evicted: int = 0
     failures: list[str] = field(default_factory=list)
 
