@@ -156,11 +156,12 @@ class _LaggedDecisions:
             if made + 1 + self.lag > layer_idx:
                 keep.append(item)
                 continue
-            if self.lag == 0:  # read at once: the host waits for the whole queue (a drain on a GPU)
+            # The copy to pinned memory is asynchronous: wait for it (the event) before reading, always.
+            if event is not None:
+                event.synchronize()
+            if self.lag == 0:  # read at once: nothing else is queued, so the wait drains the device
                 values = host.tolist()
-            else:
-                if event is not None:
-                    event.synchronize()  # the device has the next layers queued: no drain
+            else:  # the device has the next layers queued: the wait is for the copy only
                 values = _read(host)
             fired += [row for row, f in zip(rows, values, strict=True) if f]
         self._pending = keep
