@@ -126,3 +126,24 @@ def test_the_counter_sees_the_reads_it_must(reads):
         t[t > 1]
         torch.nonzero(t)
     assert reads.count == 4
+
+
+@pytest.mark.parametrize("lag", [0, 1])
+def test_a_decision_copied_to_pinned_memory_is_read_only_after_its_copy_finished(lag):
+    """On a GPU the decision travels to pinned memory asynchronously; reading before the copy's event would
+    read whatever the buffer held (this once happened at lag 0)."""
+    order: list[str] = []
+
+    class Event:
+        def synchronize(self):
+            order.append("wait")
+
+    class PinnedBuffer:
+        def tolist(self):
+            order.append("read")
+            return [True, False]
+
+    decisions = engine_forward._LaggedDecisions(lag)
+    decisions._pending.append((0, [3, 5], PinnedBuffer(), Event()))
+    assert decisions.due(1 + lag) == [3]
+    assert order == ["wait", "read"]
