@@ -9,7 +9,7 @@ from engine_helpers import collate, singles
 import vtw_train
 from vtw_train.calibration import ShortVRecord, layer_contribution
 from vtw_train.engine import Reduction
-from vtw_train.engine.frozen import frozen_layer_forward
+from vtw_train.engine.frozen import frozen_layer_forward, frozen_plan
 from vtw_train.methods import FastV
 from vtw_train.tiny_models import tiny_model
 
@@ -89,18 +89,10 @@ def test_frozen_layer_text_rows_equal_stock_layer(family):
             past_key_values=None,
             use_cache=False,
         )
-        frozen = frozen_layer_forward(
-            layer,
-            1,
-            hidden,
-            visual,
-            batch["attention_mask"],
-            cos,
-            sin,
-            controller.language_model.config,
-            None,
-            {},
+        plan = frozen_plan(
+            visual, batch["attention_mask"], cos, sin, controller.language_model.config, hidden.dtype
         )
+        frozen = frozen_layer_forward(layer, 1, hidden, cos, sin, plan, None, {})
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(frozen[~visual & real], stock[~visual & real], rtol=1e-5, atol=1e-5)
     assert torch.equal(frozen[visual], hidden[visual])

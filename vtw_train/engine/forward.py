@@ -10,7 +10,7 @@ before its exit layer K, so each sample pays for visual tokens only up to its ow
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -20,7 +20,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ..errors import WithdrawalError
 from .cache import FULL, MIXED, REDUCED, TEXT, ExitState, WithdrawalCache
-from .frozen import frozen_layer_forward
+from .frozen import FrozenPlan, frozen_layer_forward, frozen_plan
 from .graphs import SegmentGraphs, segment_inputs_are_tensors
 from .grouped import GroupedLayer, KVGroup, device_index, group_masks, grouped_attention_for
 from .layout import TextLayout, build_text_layout
@@ -182,9 +182,9 @@ def _segment_ends(plan: _Plan, num_layers: int, fastv, rule, decisions: _LaggedD
     return ends
 
 
-#: Segment inputs after the hidden states (mask, rotary tables, positions, frozen-layer layout, the rule's
+#: Segment inputs after the hidden states (mask, rotary tables, positions, the frozen layers' plan, the rule's
 #: prepared tensors): the same tensors for many segments of one prefill, so graphs share their buffers.
-_CONTEXT_INPUTS = frozenset(range(1, 10))
+_CONTEXT_INPUTS = frozenset(range(1, 11))
 
 
 def _may_ask(rule: Any, layer: int) -> bool:
@@ -239,6 +239,7 @@ class _Prefill:
     frozen: frozenset[int]
     plan: _Plan
     text: _Stream | None = None
+    frozen_plans: dict[int, tuple[torch.Tensor, FrozenPlan]] = field(default_factory=dict)  # by id(rows)
 
 
 @dataclass
@@ -686,25 +687,26 @@ class WithdrawalForward:
         self, layer_idx: int, group: _Group, stream: _Stream | None, ctx: _Prefill, cache
     ) -> torch.Tensor:
         """Run one layer for one group, in the full stream (``stream`` None) or in a re-padded stream."""
-        rows = group.index
-        if stream is None and layer_idx in ctx.frozen:
-            padding = None if ctx.padding is None else ctx.padding[rows]
-            layout = ctx.text.layout.select(rows, ctx.text.width(ctx.plan, group.rows))
-            return frozen_layer_forward(
-                self.lm.layers[layer_idx],
-                layer_idx,
-                group.hidden,
-                ctx.visual[rows],
-                padding,
-                ctx.cos[rows],
-                ctx.sin[rows],
-                self.lm.config,
-                cache,
-                ctx.kwargs,
-                layout=layout,
-            )
         mask, c, s, pos = self._group_inputs(group, stream, ctx)
+        if stream is None and layer_idx in ctx.frozen:
+            plan = self._frozen_plan(group, ctx)
+            return frozen_layer_forward(
+                self.lm.layers[layer_idx], layer_idx, group.hidden, c, s, plan, cache, ctx.kwargs
+            )
         return self._run_layer(layer_idx, group.hidden, mask, c, s, pos, cache, ctx.use_cache, ctx.kwargs)
+
+    def _frozen_plan(self, group: _Group, ctx: _Prefill) -> FrozenPlan:
+        """The frozen layers' plan for the group's rows, built at the first frozen layer they reach."""
+        rows = group.index
+        cached = ctx.frozen_plans.get(id(rows))
+        if cached is not None and cached[0] is rows:
+            return cached[1]
+        padding = None if ctx.padding is None else ctx.padding[rows]
+        layout = ctx.text.layout.select(rows, ctx.text.width(ctx.plan, group.rows))
+        plan = frozen_plan(ctx.visual[rows], padding, ctx.cos[rows], ctx.sin[rows], self.lm.config, ctx.like.dtype,
+                           layout=layout)  # fmt: skip
+        ctx.frozen_plans[id(rows)] = (rows, plan)
+        return plan
 
     @staticmethod
     def _group_inputs(group: _Group, stream: _Stream | None, ctx: _Prefill):
@@ -774,20 +776,17 @@ class WithdrawalForward:
                     "controller.disable_graphs() for this model."
                 )
             stream_name = FULL if stream is None else stream.name
-            inputs: list[torch.Tensor | None] = [group.hidden, mask, c, s, pos] + [None] * 5
-            # ShortV's frozen layers apply in the full stream; their text layout is an input too.
+            inputs: list[torch.Tensor | None] = [group.hidden, mask, c, s, pos] + [None] * 6
+            # ShortV's frozen layers apply in the full stream; their plan is an input too.
             frozen = tuple(i for i in range(first, stop) if i in ctx.frozen) if stream is None else ()
             if frozen:
-                rows = group.index
-                layout = ctx.text.layout.select(rows, ctx.text.width(ctx.plan, group.rows))
-                padding = None if ctx.padding is None else ctx.padding[rows]
-                inputs[5:9] = [ctx.visual[rows], padding, layout.index, layout.valid]
+                inputs[5:10] = self._frozen_plan(group, ctx).tensors()
             deciding = rule if group is full else None
             if deciding is not None:
                 seen = (
                     (ctx.visual, ctx.padding) if reduced is None else (reduced.visual, reduced.layout.valid)
                 )
-                inputs[9] = deciding.prepare(group.index, *seen)
+                inputs[10] = deciding.prepare(group.index, *seen)
             key = (
                 first,
                 stop,
@@ -796,7 +795,7 @@ class WithdrawalForward:
                 frozen,
                 None if deciding is None else deciding.graph_key(),
             )
-            segment = self._segment(first, stop, with_kv, ctx.kwargs, frozen, ctx.visual.shape[1], deciding)
+            segment = self._segment(first, stop, with_kv, ctx.kwargs, frozen, deciding)
             outputs, replayed = graphs.run(key, segment, inputs, shared=_CONTEXT_INPUTS)
             if deciding is not None:
                 outputs, (probability, fire) = outputs[:-2], outputs[-2:]
@@ -823,19 +822,20 @@ class WithdrawalForward:
         return [MIXED] * (stop - first), asked
 
     def _segment(self, first: int, stop: int, with_kv: bool, kwargs: dict[str, Any], frozen: tuple[int, ...],
-                 full_length: int, rule: StagedExitRule | None):  # fmt: skip
+                 rule: StagedExitRule | None):  # fmt: skip
         """Layers ``first``..``stop``-1 as a pure function of tensors: it returns its keys and values instead
         of writing a cache, because a recorded graph replays kernels, not Python side effects. With ``rule``,
         it also returns the rule's probability and decision after its last layer."""
 
-        def segment(hidden, mask, cos, sin, positions, visual, padding, index, valid, prepared):
-            layout = None if index is None else TextLayout(index=index, valid=valid, full_length=full_length)
+        def segment(hidden, mask, cos, sin, positions, *frozen_and_prepared):
+            *plan_tensors, prepared = frozen_and_prepared
+            plan = FrozenPlan.from_tensors(*plan_tensors) if frozen else None
             keys, values = [], []
             for layer_idx in range(first, stop):
                 capture = _CaptureKV() if with_kv else None
                 if layer_idx in frozen:
-                    hidden = frozen_layer_forward(self.lm.layers[layer_idx], layer_idx, hidden, visual, padding, cos,
-                                                  sin, self.lm.config, capture, kwargs, layout=layout)  # fmt: skip
+                    layer = self.lm.layers[layer_idx]
+                    hidden = frozen_layer_forward(layer, layer_idx, hidden, cos, sin, plan, capture, kwargs)
                 else:
                     hidden = self._run_layer(
                         layer_idx, hidden, mask, cos, sin, positions, capture, with_kv, kwargs
