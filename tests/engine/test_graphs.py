@@ -47,6 +47,9 @@ REDUCTIONS = {
     "gate, lag 1, asked every 2nd layer": lambda h: Reduction(
         exit_rule=gate_rule(lag=1, tau=0.5, ask_every=2, hidden=h)
     ),
+    "FastV + gate": lambda h: Reduction(
+        pruning=FastV(layer=2, keep_ratio=0.5), exit_rule=gate_rule(lag=1, tau=0.5, hidden=h)
+    ),
     "FastV + K per sample": lambda h: Reduction(
         pruning=FastV(layer=1, keep_ratio=0.5), exit_layer=torch.tensor([2, 4, LAYERS])
     ),

@@ -736,8 +736,8 @@ class WithdrawalForward:
         """The recorder when this prefill's segments are captured; None runs the layer-by-layer loop, as does
         anything the recorder would have to freeze into a graph (tensor keyword arguments, gradients).
 
-        An exit rule runs eagerly between segments, on the host's schedule: its segments end after each
-        layer it is asked at and where its decisions land.
+        Segments end after each layer an exit rule is asked at and where its decisions land; a staged rule
+        (the gate) is recorded with the layers before it, any other runs eagerly between segments.
         """
         graphs = self.controller.graphs
         if graphs is None:
