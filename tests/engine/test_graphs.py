@@ -253,7 +253,9 @@ def test_at_most_max_graphs_are_kept():
     mix = Reduction(exit_layer=torch.tensor([1, 3, LAYERS]))
     model, inputs, controller, want = eager_reference(mix, batch_size=3, seed=5)
     graphs = controller.enable_graphs(GraphSettings(max_graphs=2), capture=TraceReplay)
-    with pytest.warns(RuntimeWarning, match="more than GraphSettings.max_graphs=2"):  # 5 segments per prefill
+    with pytest.warns(
+        RuntimeWarning, match="more graphs than GraphSettings keeps \\(max_graphs=2"
+    ):  # 5 segments per prefill
         (got,) = run(model, [inputs])
     assert torch.equal(got.logits, want.logits)
     (got,) = run(model, [inputs])  # warned once
@@ -398,3 +400,51 @@ def test_segments_share_context_buffers_and_read_each_other_in_place(monkeypatch
     table = torch.randn(4)  # a new tensor in the shared role: written once, read by both graphs
     Copies.count = 0
     assert torch.allclose(prefill(hidden), (hidden * table + 1) * table + 1) and Copies.count == 2
+
+
+def test_what_the_stock_forward_handles_stays_with_it_when_graphs_are_on():
+    """With nothing withdrawn the engine used to hand every call to the stock forward; graphs must not take
+    away what it handles (hidden states out, here)."""
+    model, inputs, controller, _ = eager_reference(Reduction(), batch_size=2, seed=11)
+    with torch.no_grad():
+        want = model(**inputs, output_hidden_states=True)
+    graphs = controller.enable_graphs(capture=TraceReplay)
+    with torch.no_grad():
+        got = model(**inputs, output_hidden_states=True)
+    assert graphs.stats.captures == 0 and graphs.stats.eager == 1
+    assert torch.equal(got.logits, want.logits)
+    assert all(torch.equal(g, w) for g, w in zip(got.hidden_states, want.hidden_states, strict=True))
+
+
+def test_autocast_keeps_the_eager_path():
+    """A graph recorded under autocast would read its cached weight casts after autocast frees them."""
+    model, inputs, controller, _ = eager_reference(Reduction(exit_layer=2), batch_size=2, seed=12)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        (want,) = run(model, [inputs])
+        graphs = controller.enable_graphs(capture=TraceReplay)
+        (got,) = run(model, [inputs])
+    assert graphs.stats.captures == 0 and graphs.stats.eager == 1
+    assert torch.equal(got.logits, want.logits)
+
+
+def test_a_new_attention_implementation_records_new_graphs():
+    model, inputs, controller, sdpa = eager_reference(Reduction(exit_layer=2), batch_size=3, seed=13)
+    graphs = controller.enable_graphs(capture=TraceReplay)
+    run(model, [inputs])
+    model.config.text_config._attn_implementation = "eager"
+    controller.disable_graphs(release=False)
+    (want,) = run(model, [inputs])
+    controller.enable_graphs(recorder=graphs)
+    (got,) = run(model, [inputs])
+    assert not torch.equal(want.logits, sdpa.logits), "the two implementations must differ for this test"
+    assert torch.equal(got.logits, want.logits) and graphs.stats.captures == 4
+
+
+def test_graphs_over_the_memory_budget_are_dropped_oldest_first():
+    mix = Reduction(exit_layer=torch.tensor([1, 3, LAYERS]))
+    model, inputs, controller, want = eager_reference(mix, batch_size=3, seed=5)
+    graphs = controller.enable_graphs(GraphSettings(max_bytes=1), capture=TraceReplay)
+    with pytest.warns(RuntimeWarning, match="more graphs than GraphSettings keeps"):
+        (got,) = run(model, [inputs])
+    assert torch.equal(got.logits, want.logits)
+    assert len(graphs) == 1 and graphs.stats.evicted == graphs.stats.captures - 1

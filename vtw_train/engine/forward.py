@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function, create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
@@ -144,7 +145,9 @@ class _LaggedDecisions:
             host = torch.empty(fire.shape, dtype=fire.dtype, pin_memory=True)
             host.copy_(fire, non_blocking=True)
             event = torch.cuda.Event()
-            event.record()
+            event.record(
+                torch.cuda.current_stream(fire.device)
+            )  # the copy's stream: fire's device, not the current one
         self._pending.append((layer, rows, host, event))
 
     def due(self, layer_idx: int) -> list[int]:
@@ -341,12 +344,13 @@ class WithdrawalForward:
         prefill = past_key_values is None or past_key_values.get_seq_length() == 0
         controller = self.controller
         reduction = controller.reduction
-        graphs = controller.graphs
-        if not prefill or visual is None or (reduction.is_full and graphs is None):
-            if prefill and visual is not None:
-                controller.record_exits(None)
+        if not prefill or visual is None:
             return self.original(**call)
         batch = visual.shape[0]
+        graphs = self._graphs_for(batch, visual.device, kwargs, attention_mask, past_key_values)
+        if reduction.is_full and graphs is None:
+            controller.record_exits(None)
+            return self.original(**call)
         pruning = reduction.pruning
         exits: torch.Tensor | int
         if isinstance(reduction.exit_layer, torch.Tensor):
@@ -363,11 +367,12 @@ class WithdrawalForward:
             # Nothing is withdrawn (no visual token, or K = L for everyone): the stock forward, each K on record;
             # or, with graphs on, the same layers as one recorded segment and a plain cache.
             controller.record_exits(recorded if any(plan.n_visual) and not reduction.is_full else None)
-            device = visual.device
-            if graphs is None or not any(plan.n_visual) or not self._capturing(graphs, batch, device, kwargs):
+            if graphs is None or not any(plan.n_visual):
                 return self.original(**call)
-            return self._prefill(visual=visual, plan=plan, reduction=reduction, stock=True, **call)
-        return self._prefill(visual=visual, plan=plan, reduction=reduction, **call)
+            return self._prefill(
+                visual=visual, plan=plan, reduction=reduction, graphs=graphs, stock=True, **call
+            )
+        return self._prefill(visual=visual, plan=plan, reduction=reduction, graphs=graphs, **call)
 
     # ------------------------------------------------------------------ shared helpers
     def _check_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -449,6 +454,7 @@ class WithdrawalForward:
         visual: torch.Tensor,
         plan: _Plan,
         reduction: Reduction,
+        graphs: SegmentGraphs | None = None,
         stock: bool = False,
         input_ids,
         attention_mask,
@@ -531,7 +537,6 @@ class WithdrawalForward:
         fastv = reduction.pruning
         previous_input = None
         streams: list[str] = []  # what each layer's cache holds, for decoding
-        graphs = self._graphs_for(ctx)
         ends = _segment_ends(plan, num_layers, fastv, dynamic, decisions) if graphs is not None else set()
         staged = dynamic if isinstance(dynamic, StagedExitRule) else None
         asked: _Asked | None = None
@@ -732,28 +737,38 @@ class WithdrawalForward:
             return False
         return fastv is None or stop != fastv.layer
 
-    def _graphs_for(self, ctx: _Prefill) -> SegmentGraphs | None:
-        """The recorder when this prefill's segments are captured; None runs the layer-by-layer loop, as does
-        anything the recorder would have to freeze into a graph (tensor keyword arguments, gradients).
+    def _graphs_for(self, batch: int, device: torch.device, kwargs: dict[str, Any], attention_mask: Any,
+                    cache: Any) -> SegmentGraphs | None:  # fmt: skip
+        """The recorder when this prefill's segments are recorded as graphs, else None (layer by layer, or the
+        stock forward when nothing is withdrawn: what the prefill would do without graphs).
 
-        Segments end after each layer an exit rule is asked at and where its decisions land; a staged rule
-        (the gate) is recorded with the layers before it, any other runs eagerly between segments.
+        Whatever the recorder would have to freeze into a graph, or that the stock forward handles and the
+        engine does not, keeps the eager path: gradients, training mode, tensor keyword arguments, output of
+        hidden states or attentions, a prepared 4-D mask, attention other than SDPA or eager, sliding-window
+        layers, a cache other than ``DynamicCache``, a decoder spread over several devices.
         """
         graphs = self.controller.graphs
         if graphs is None:
             return None
-        if not self._capturing(graphs, ctx.batch, ctx.like.device, ctx.kwargs):
+        config = self.lm.config
+        recordable = (
+            graphs.active_for(device, batch)
+            and not self.lm.training
+            and segment_inputs_are_tensors(kwargs)
+            and not any(kwargs.get(name) for name in _UNSUPPORTED_OUTPUTS)
+            and (
+                attention_mask is None
+                or (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2)
+            )
+            and config._attn_implementation in ("sdpa", "eager")
+            and all(kind == "full_attention" for kind in getattr(config, "layer_types", None) or [])
+            and (cache is None or type(cache) is DynamicCache or isinstance(cache, WithdrawalCache))
+            and graphs.check_model(self.lm)
+        )
+        if not recordable:
             graphs.stats.eager += 1
             return None
-        graphs.check_model(self.lm)
         return graphs
-
-    def _capturing(
-        self, graphs: SegmentGraphs, batch: int, device: torch.device, kwargs: dict[str, Any]
-    ) -> bool:
-        return (
-            graphs.active_for(device, batch) and not self.lm.training and segment_inputs_are_tensors(kwargs)
-        )
 
     def _run_segment(self, first: int, stop: int, full: _Group, text: _Group, reduced: _Stream | None,
                      ctx: _Prefill, cache, graphs: SegmentGraphs,
@@ -770,11 +785,6 @@ class WithdrawalForward:
             if not len(group):
                 continue
             mask, c, s, pos = self._group_inputs(group, stream, ctx)
-            if mask is not None and not isinstance(mask, torch.Tensor):  # e.g. a flex-attention block mask
-                raise WithdrawalError(
-                    "Graph-captured prefill needs attn_implementation 'sdpa' or 'eager'; call "
-                    "controller.disable_graphs() for this model."
-                )
             stream_name = FULL if stream is None else stream.name
             inputs: list[torch.Tensor | None] = [group.hidden, mask, c, s, pos] + [None] * 6
             # ShortV's frozen layers apply in the full stream; their plan is an input too.
@@ -787,14 +797,9 @@ class WithdrawalForward:
                     (ctx.visual, ctx.padding) if reduced is None else (reduced.visual, reduced.layout.valid)
                 )
                 inputs[10] = deciding.prepare(group.index, *seen)
-            key = (
-                first,
-                stop,
-                stream_name,
-                with_kv,
-                frozen,
-                None if deciding is None else deciding.graph_key(),
-            )
+            # Everything the segment's Python code branches on or bakes in, beyond the input shapes.
+            key = (first, stop, stream_name, with_kv, frozen, None if deciding is None else deciding.graph_key(),
+                   self.lm.config._attn_implementation, repr(sorted(ctx.kwargs.items())))  # fmt: skip
             segment = self._segment(first, stop, with_kv, ctx.kwargs, frozen, deciding)
             outputs, replayed = graphs.run(key, segment, inputs, shared=_CONTEXT_INPUTS)
             if deciding is not None:

@@ -44,6 +44,9 @@ class GraphSettings:
     """Graphs kept, least recently used dropped first. One graph per (segment, batch, widths); a new prompt
     length is a new shape. A gate asked after every layer makes one segment per layer, so a 32-layer
     decoder needs 32 graphs per prompt shape."""
+    max_bytes: int | None = None
+    """Memory the recorded graphs may hold together (their intermediates and outputs), least recently used
+    dropped first (None: a quarter of the GPU's memory)."""
     warmup: int = 2
     """Eager runs of a new shape before it is captured (cuBLAS and SDPA pick their kernels there)."""
 
@@ -51,6 +54,8 @@ class GraphSettings:
         for name in ("max_batch", "max_graphs"):
             if getattr(self, name) < 1:
                 raise WithdrawalError(f"GraphSettings.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.max_bytes is not None and self.max_bytes < 1:
+            raise WithdrawalError(f"GraphSettings.max_bytes must be >= 1 or None, got {self.max_bytes}.")
         if self.warmup < 0:
             raise WithdrawalError(f"GraphSettings.warmup must be >= 0, got {self.warmup}.")
 
@@ -74,21 +79,46 @@ class CudaGraphReplay:
 
     def __init__(self, segment: Segment, static: list[torch.Tensor | None], warmup: int) -> None:
         self.static = static
-        device = next(t.device for t in static if t is not None)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up off the capture stream, as CUDA graphs require
-            for _ in range(warmup):
-                segment(*static)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local: CUDA calls from other threads (a data loader's pinning thread) do not break the capture.
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.outputs = list(segment(*static))
+        self.device = next(t.device for t in static if t is not None)
+        # Everything on the inputs' device, whichever device is current: torch's default capture stream lives on
+        # the device current when it was first used, and a capture on another device's stream records nothing.
+        with torch.cuda.device(self.device):
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # warm-up off the capture stream, as CUDA graphs require
+                for _ in range(warmup):
+                    segment(*static)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            torch.cuda.empty_cache()
+            reserved = torch.cuda.memory_reserved(self.device)
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: CUDA calls from other threads (a data loader's pinning thread) do not break the capture.
+            with torch.cuda.graph(
+                self.graph, stream=torch.cuda.Stream(self.device), capture_error_mode="thread_local"
+            ):
+                self.outputs = list(segment(*static))
+            # What the graph's private pool holds: its intermediates and its outputs.
+            self.nbytes = max(torch.cuda.memory_reserved(self.device) - reserved, 0)
 
     def __call__(self) -> Sequence[torch.Tensor]:
-        self.graph.replay()
+        with torch.cuda.device(self.device):
+            self.graph.replay()
         return self.outputs
+
+
+def _nbytes(replay: Replay) -> int:
+    """Memory a recorded graph holds (its own measure, or at least its outputs)."""
+    measured = getattr(replay, "nbytes", None)
+    if measured is not None:
+        return int(measured)
+    return sum(t.numel() * t.element_size() for t in replay.outputs)
+
+
+def _autocast_on(device: torch.device) -> bool:
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_enabled() if device.type == "cuda" else torch.is_autocast_cpu_enabled()
 
 
 def _signature_of(tensor: torch.Tensor | None) -> Hashable:
@@ -132,26 +162,32 @@ class SegmentGraphs:
         self._prefill = 0  # prefills seen, so an eviction can tell whether it undoes this prefill's work
         self._recorded_in: dict[int, int] = {}  # id(replay) -> the prefill that recorded it
         self._warned_small = False
+        self._bytes = 0  # memory held by the recorded graphs
         self.stats = GraphStats()
 
     def active_for(self, device: torch.device, batch: int) -> bool:
-        """Whether this prefill's segments are captured (else they run eagerly, as they would without graphs)."""
-        if self._broken or batch > self.settings.max_batch or torch.is_grad_enabled():
+        """Whether this prefill's segments are captured (else they run eagerly, as they would without graphs).
+
+        Not under autocast: a graph would keep reading autocast's cached weight casts after they are freed.
+        """
+        if self._broken or batch > self.settings.max_batch or torch.is_grad_enabled() or _autocast_on(device):
             return False
         return self._capture is not None or device.type == "cuda"
 
-    def check_model(self, language_model: nn.Module) -> None:
+    def check_model(self, language_model: nn.Module) -> bool:
         """Called once per prefill: drops every graph when the model's parameters or adapter state changed
-        since they were recorded."""
+        since they were recorded. False when the decoder spans several devices (a graph records one)."""
         self._prefill += 1
         signature = self._watch.signature(language_model)
         if signature != self._model_signature:
             self.clear()
             self._model_signature = signature
+        return self._watch.devices == 1
 
     def clear(self) -> None:
         """Release every recorded graph (and the memory it holds)."""
         self._graphs.clear()
+        self._bytes = 0
         self._recorded_in.clear()
         self._live.clear()
         self._shared.clear()
@@ -191,7 +227,10 @@ class SegmentGraphs:
             self._graphs[full_key] = replay
             self._recorded_in[id(replay)] = self._prefill
             self._live.update((id(t), t) for t in replay.outputs)
-            while len(self._graphs) > self.settings.max_graphs:
+            self._bytes += _nbytes(replay)
+            while len(self._graphs) > 1 and (
+                len(self._graphs) > self.settings.max_graphs or self._bytes > self._budget(replay)
+            ):
                 self._evict_oldest()
         else:
             self._graphs.move_to_end(full_key)
@@ -199,14 +238,23 @@ class SegmentGraphs:
         self.stats.replays += 1
         return replay(), True
 
+    def _budget(self, replay: Replay) -> float:
+        if self.settings.max_bytes is not None:
+            return self.settings.max_bytes
+        device = getattr(replay, "device", None)
+        if device is None or device.type != "cuda":
+            return float("inf")
+        return torch.cuda.get_device_properties(device).total_memory / 4
+
     def _evict_oldest(self) -> None:
         _, evicted = self._graphs.popitem(last=False)
+        self._bytes -= _nbytes(evicted)
         if self._recorded_in.pop(id(evicted), None) == self._prefill and not self._warned_small:
             self._warned_small = True
             warnings.warn(
-                f"vtw_train: one prefill needs more than GraphSettings.max_graphs={self.settings.max_graphs} graphs, so "
-                "every prefill records its graphs again (slow). Raise max_graphs, or ask the gate less often "
-                "(GateConfig.ask_every).",
+                "vtw_train: one prefill needs more graphs than GraphSettings keeps (max_graphs="
+                f"{self.settings.max_graphs}, max_bytes={self.settings.max_bytes}), so every prefill records its "
+                "graphs again (slow). Raise max_graphs or max_bytes, or ask the gate less often (GateConfig.ask_every).",
                 RuntimeWarning,
                 stacklevel=5,
             )
@@ -320,6 +368,8 @@ class _ModelWatch:
         self._version = -1
         self._parameters: list[torch.Tensor] = []
         self._adapters: list[nn.Module] = []
+        self._pointers: tuple[int, ...] = ()
+        self.devices = 0  # how many devices the decoder's weights are on
 
     def signature(self, language_model: nn.Module) -> Hashable:
         if language_model is not self._model or self._version != _structure_version:
@@ -329,6 +379,9 @@ class _ModelWatch:
                 m for m in language_model.modules() if hasattr(m, "active_adapters") and hasattr(m, "merged")
             ]
         pointers = tuple(p.data_ptr() for p in self._parameters)
+        if pointers != self._pointers:  # weights moved: count the devices they are on again
+            self._pointers = pointers
+            self.devices = len({p.device for p in self._parameters})
         adapters = tuple(_adapter_switches(m) for m in self._adapters)
         return id(language_model), pointers, adapters
 
