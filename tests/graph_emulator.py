@@ -6,11 +6,13 @@ replay, and reading a device value during capture fails. This recorder does the 
 operations on the CPU: it records every operation the segment dispatches (refusing host reads),
 and a replay re-executes that list on the new inputs, writing into the recorded output tensors.
 A segment that only works eagerly (Python side effects, values read on the host, outputs kept
-across replays) gives wrong numbers or fails here, as it would on a GPU.
+across replays, a tensor read by the recording but freed after it) gives wrong numbers or fails
+here, as it would on a GPU.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -26,11 +28,30 @@ class CaptureError(RuntimeError):
     """What CUDA raises when captured code reads a device value on the host."""
 
 
+class _External:
+    """A tensor the recording reads but neither received as an input nor made: held weakly, as a graph holds
+    only its address. If it is freed before a replay, the replay fails (on a GPU it would read freed memory)."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.ref = weakref.ref(tensor)
+
+    def resolve(self) -> torch.Tensor:
+        tensor = self.ref()
+        if tensor is None:
+            raise CaptureError("a recorded graph reads a tensor that was freed after the capture")
+        return tensor
+
+
 class _Recorder(TorchDispatchMode):
-    def __init__(self) -> None:
+    def __init__(self, inputs: list[torch.Tensor | None]) -> None:
         super().__init__()
         self.ops: list[tuple[Any, Any, Any, Any]] = []
-        self.keep: list[Any] = []  # every tensor seen stays alive, so ids stay unique
+        self.owned = {id(t): t for t in inputs if t is not None}  # inputs and everything made: held strongly
+
+    def _hold(self, value):
+        if not isinstance(value, torch.Tensor) or id(value) in self.owned:
+            return value
+        return _External(value)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -43,8 +64,10 @@ class _Recorder(TorchDispatchMode):
             if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]):
                 raise CaptureError("boolean-mask indexing reads the device while capturing")
         out = func(*args, **kwargs)
-        self.ops.append((func, args, kwargs, out))
-        self.keep.append((args, kwargs, out))
+        self.ops.append((func, tree_map(self._hold, args), tree_map(self._hold, kwargs), out))
+        for made in tree_flatten(out)[0]:
+            if isinstance(made, torch.Tensor):
+                self.owned.setdefault(id(made), made)
         return out
 
 
@@ -55,7 +78,7 @@ class TraceReplay:
         self.static = static  # the caller writes each call's inputs here; the recording reads them in place
         for _ in range(warmup):
             segment(*self.static)
-        recorder = _Recorder()
+        recorder = _Recorder(static)
         tolist = torch.Tensor.tolist
 
         def refuse(tensor):
@@ -68,13 +91,15 @@ class TraceReplay:
         finally:
             torch.Tensor.tolist = tolist  # type: ignore[method-assign]
         self.ops = recorder.ops
-        self._keep = recorder.keep
+        self._owned = recorder.owned  # what a graph's own memory pool would hold
         self.replays = 0
 
     def __call__(self) -> list[torch.Tensor]:
         env: dict[int, torch.Tensor] = {}  # what each recorded tensor is in this replay (inputs: themselves)
 
         def current(value):
+            if isinstance(value, _External):
+                return value.resolve()
             return env.get(id(value), value) if isinstance(value, torch.Tensor) else value
 
         for func, args, kwargs, out in self.ops:

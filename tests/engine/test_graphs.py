@@ -448,3 +448,19 @@ def test_graphs_over_the_memory_budget_are_dropped_oldest_first():
         (got,) = run(model, [inputs])
     assert torch.equal(got.logits, want.logits)
     assert len(graphs) == 1 and graphs.stats.evicted == graphs.stats.captures - 1
+
+
+def test_the_recorder_refuses_a_replay_that_reads_freed_memory():
+    """A graph holds addresses, not tensors: a constant the segment made outside itself must outlive it."""
+
+    def recorded_with(constant):
+        def segment(x):
+            return (x + constant,)
+
+        return TraceReplay(segment, [torch.ones(2)], warmup=0)
+
+    parameter = torch.full((2,), 3.0)
+    assert torch.equal(recorded_with(parameter)()[0], torch.full((2,), 4.0))  # alive: fine
+    replay = recorded_with(torch.full((2,), 3.0))  # the constant dies with this line
+    with pytest.raises(CaptureError, match="freed after the capture"):
+        replay()
