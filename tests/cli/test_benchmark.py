@@ -120,6 +120,7 @@ def test_graphed_rows_sit_next_to_their_eager_twins_with_the_same_output(tmp_pat
         assert r["kv_bytes"] == eager["kv_bytes"] and r["kv_need_bytes"] == eager["kv_need_bytes"]
         assert r["flops_speedup"] == pytest.approx(eager["flops_speedup"])
     assert recorders[0].stats.captures > 0 and recorders[0].stats.replays > recorders[0].stats.captures
+    assert all(r["graph_stats"]["captures"] == recorders[0].stats.captures for r in graphed.values())
     assert "diff vs eager" in (tmp_path / "benchmark.md").read_text()
 
 

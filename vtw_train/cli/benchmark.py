@@ -422,6 +422,8 @@ def bench_batch(
     attach(model).reduction = FULL
     stock = times["stock"]
     for r in results:
+        if r["graphs"]:  # what the recorder did: a graphed row that recorded nothing ran eagerly
+            r["graph_stats"] = asdict(recorder.stats)
         r["prefill_ms"] = times[r["strategy"]] * 1e3
         r["speedup"] = stock / times[r["strategy"]]
         r["efficiency"] = r["speedup"] / r["flops_speedup"]
@@ -496,6 +498,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     for batch in run.batch_sizes:
         rows = bench_batch(run, model, shape, batch, device)
         results += rows
+        graphed = next((r for r in rows if r["graphs"]), None)
+        if graphed is not None and device.type == "cuda":
+            stats = graphed["graph_stats"]
+            print(f"graphs at batch {batch}: {stats['captures']} recorded, {stats['replays']} replays, "
+                  f"{stats['eager']} eager prefills, failures: {stats['failures'] or 'none'}")  # fmt: skip
         first = max(len(r["strategy"]) for r in rows)
         print(f"\nbatch {batch}")
         print(f"{COLUMNS[0]:<{first}}" + "".join(f"{c:>14}" for c in COLUMNS[1:]))
