@@ -12,6 +12,7 @@ from typing import Any
 from .engine import (
     FULL,
     ExitController,
+    GraphSettings,
     Reduction,
     WithdrawalCache,
     attach,
@@ -46,6 +47,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "FULL",
     "ExitController",
+    "GraphSettings",
     "Reduction",
     "UnsupportedModelError",
     "WithdrawalCache",

@@ -8,17 +8,22 @@ time. The engine imports no method: methods plug in through :class:`InLayerPruni
 from .cache import ExitState, WithdrawalCache, kv_bytes
 from .controller import ExitController, attach, controller_of
 from .families import supported_model_classes
+from .graphs import GraphSettings, GraphStats, SegmentGraphs
 from .layout import TextLayout, build_text_layout
-from .reduction import FULL, ExitRule, InLayerPruning, InputPruner, Reduction
+from .reduction import FULL, ExitRule, InLayerPruning, InputPruner, Reduction, StagedExitRule
 
 __all__ = [
     "FULL",
     "ExitController",
     "ExitRule",
     "ExitState",
+    "GraphSettings",
+    "GraphStats",
     "InLayerPruning",
     "InputPruner",
     "Reduction",
+    "SegmentGraphs",
+    "StagedExitRule",
     "TextLayout",
     "WithdrawalCache",
     "attach",
