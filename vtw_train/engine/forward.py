@@ -540,6 +540,7 @@ class WithdrawalForward:
         ends = _segment_ends(plan, num_layers, fastv, dynamic, decisions) if graphs is not None else set()
         staged = dynamic if isinstance(dynamic, StagedExitRule) else None
         asked: _Asked | None = None
+        observed: list[tuple[int, torch.Tensor]] = []  # probabilities of decisions taken inside graphs
 
         layer_idx = 0
         while layer_idx < num_layers:
@@ -547,7 +548,7 @@ class WithdrawalForward:
                 full, reduced = self._prune(full, previous_input, fastv, ctx)
             if asked is not None and asked.layer == layer_idx - 1:  # taken inside the last segment's graph
                 decisions.add(asked.layer, asked.rows, asked.fire)
-                dynamic.observe(asked.layer, asked.probability)
+                observed.append((asked.layer, asked.probability))
             elif decisions is not None and layer_idx > 0 and len(full) and _may_ask(dynamic, layer_idx - 1):
                 seen = (visual, attention_mask) if reduced is None else (reduced.visual, reduced.layout.valid)
                 fire = dynamic(layer_idx - 1, full.hidden, full.index, *seen)
@@ -598,6 +599,10 @@ class WithdrawalForward:
             hidden = ctx.text.layout.scatter(text.hidden, hidden, text.index)
         hidden = self.lm.norm(hidden)
 
+        if observed:  # out of the replay buffers in one copy, then handed to the rule
+            copied = torch.cat([p for _, p in observed]).split([p.shape[0] for _, p in observed])
+            for (layer, _), probability in zip(observed, copied, strict=True):
+                dynamic.observe(layer, probability)
         if stock:  # nothing withdrawn (graphs on): a plain cache, decoded by the stock forward
             return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache)
         exit_tensor = torch.tensor(exits).to(device, non_blocking=True)
@@ -804,11 +809,9 @@ class WithdrawalForward:
             outputs, replayed = graphs.run(key, segment, inputs, shared=_CONTEXT_INPUTS)
             if deciding is not None:
                 outputs, (probability, fire) = outputs[:-2], outputs[-2:]
-                # The probability is kept by the rule, so it leaves the replay buffer; the decision is copied
-                # to the host by the lagged reader before anything can replay this graph again.
-                asked = _Asked(
-                    stop - 1, list(group.rows), probability.clone() if replayed else probability, fire
-                )
+                # Both stay in this graph's buffers, which nothing replays again in this prefill: the decision
+                # goes to the lagged reader at the next cut, the probability to the rule at the end.
+                asked = _Asked(stop - 1, list(group.rows), probability, fire)
             group.hidden, keys, values = self._segment_outputs(outputs, stop - first, with_kv, replayed)
             ran.append((group, keys, values))
         if len(ran) == 1:
