@@ -176,16 +176,6 @@ class GateExitRule:
         self._pooling_for: tuple = ()
         self._pooling: torch.Tensor | None = None
 
-    def _pooling_weights(self, rows, visual, padding) -> torch.Tensor:
-        # The engine hands over the same row/visual tensors until a sample exits: reuse the weights.
-        key = (rows, visual, padding)
-        if len(self._pooling_for) != 3 or any(
-            a is not b for a, b in zip(self._pooling_for, key, strict=True)
-        ):
-            mean_mask, last = text_feature_masks(visual[rows], None if padding is None else padding[rows])
-            self._pooling, self._pooling_for = pooling_weights(mean_mask, last), key
-        return self._pooling
-
     def __call__(self, layer, hidden, rows, visual, padding):
         if layer not in self.asked_layers:
             return None
@@ -196,7 +186,15 @@ class GateExitRule:
 
     # The staged form (vtw_train.engine.reduction.StagedExitRule), recorded into graph-captured prefill.
     def prepare(self, rows: torch.Tensor, visual: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
-        return self._pooling_weights(rows, visual, padding)
+        """The pooling weights of ``rows``. The engine hands over the same row/visual tensors until a sample
+        exits, so the weights are reused until then."""
+        key = (rows, visual, padding)
+        if len(self._pooling_for) != 3 or any(
+            a is not b for a, b in zip(self._pooling_for, key, strict=True)
+        ):
+            mean_mask, last = text_feature_masks(visual[rows], None if padding is None else padding[rows])
+            self._pooling, self._pooling_for = pooling_weights(mean_mask, last), key
+        return self._pooling
 
     def decide(
         self, layer: int, hidden: torch.Tensor, prepared: torch.Tensor

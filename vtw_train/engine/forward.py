@@ -22,7 +22,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from ..errors import WithdrawalError
 from .cache import FULL, MIXED, REDUCED, TEXT, ExitState, WithdrawalCache
 from .frozen import FrozenPlan, frozen_layer_forward, frozen_plan
-from .graphs import SegmentGraphs, segment_inputs_are_tensors
+from .graphs import SegmentGraphs, kwargs_are_constants
 from .grouped import GroupedLayer, KVGroup, device_index, group_masks, grouped_attention_for
 from .layout import TextLayout, build_text_layout
 from .reduction import StagedExitRule
@@ -145,9 +145,8 @@ class _LaggedDecisions:
             host = torch.empty(fire.shape, dtype=fire.dtype, pin_memory=True)
             host.copy_(fire, non_blocking=True)
             event = torch.cuda.Event()
-            event.record(
-                torch.cuda.current_stream(fire.device)
-            )  # the copy's stream: fire's device, not the current one
+            # On the copy's stream: fire's device, which need not be the current one.
+            event.record(torch.cuda.current_stream(fire.device))
         self._pending.append((layer, rows, host, event))
 
     def due(self, layer_idx: int) -> list[int]:
@@ -179,8 +178,7 @@ def _segment_ends(plan: _Plan, num_layers: int, fastv, rule, decisions: _LaggedD
     if fastv is not None:
         ends |= {fastv.layer - 1, fastv.layer}
     if decisions is not None:
-        asked = getattr(rule, "asked_layers", None)
-        asked = range(num_layers) if asked is None else asked
+        asked = [a for a in range(num_layers) if _may_ask(rule, a)]
         ends |= {a + step for a in asked for step in (1, 1 + decisions.lag) if a + step < num_layers}
     return ends
 
@@ -510,7 +508,8 @@ class WithdrawalForward:
             frozen=reduction.frozen_layers,
             plan=plan,
         )
-        ctx.text = _Stream.build(self, TEXT, visual, ctx)
+        # Nothing withdrawn (stock): no row ever reaches the text stream, so its layout is not built.
+        ctx.text = None if stock else _Stream.build(self, TEXT, visual, ctx)
 
         exits = list(plan.exits)
         # Rows are grouped on the host: the full group (still reading visual tokens: the full stream,
@@ -589,14 +588,10 @@ class WithdrawalForward:
             streams.append(MIXED)
             layer_idx += 1
 
-        hidden = inputs_embeds.new_zeros(inputs_embeds.shape)
-        if len(full):
-            if reduced is None:
-                hidden = hidden.index_copy(0, full.index, full.hidden)
-            else:
-                hidden = reduced.layout.scatter(full.hidden, hidden, full.index)
-        if len(text):
-            hidden = ctx.text.layout.scatter(text.hidden, hidden, text.index)
+        if len(full) == batch and reduced is None:  # every row ran in full: already the output's layout
+            hidden = full.hidden
+        else:
+            hidden = self._assemble(inputs_embeds, full, text, reduced, ctx)
         hidden = self.lm.norm(hidden)
 
         if observed:  # out of the replay buffers in one copy, then handed to the rule
@@ -623,6 +618,21 @@ class WithdrawalForward:
                 layer_streams=streams,
             )
         return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache)
+
+    @staticmethod
+    def _assemble(
+        like: torch.Tensor, full: _Group, text: _Group, reduced: _Stream | None, ctx: _Prefill
+    ) -> torch.Tensor:
+        """The groups' final states at their full-stream positions (zeros where tokens were withdrawn)."""
+        hidden = like.new_zeros(like.shape)
+        if len(full):
+            if reduced is None:
+                hidden = hidden.index_copy(0, full.index, full.hidden)
+            else:
+                hidden = reduced.layout.scatter(full.hidden, hidden, full.index)
+        if len(text):
+            hidden = ctx.text.layout.scatter(text.hidden, hidden, text.index)
+        return hidden
 
     @staticmethod
     def _index(rows: list[int], batch: int, device: torch.device) -> torch.Tensor:
@@ -759,7 +769,7 @@ class WithdrawalForward:
         recordable = (
             graphs.active_for(device, batch)
             and not self.lm.training
-            and segment_inputs_are_tensors(kwargs)
+            and kwargs_are_constants(kwargs)
             and not any(kwargs.get(name) for name in _UNSUPPORTED_OUTPUTS)
             and (
                 attention_mask is None

@@ -386,6 +386,6 @@ class _ModelWatch:
         return id(language_model), pointers, adapters
 
 
-def segment_inputs_are_tensors(values: dict[str, Any]) -> bool:
+def kwargs_are_constants(values: dict[str, Any]) -> bool:
     """Keyword arguments a segment can take as constants: no tensor among them (a tensor would be frozen in)."""
     return not any(isinstance(v, torch.Tensor) for v in values.values())
