@@ -24,6 +24,17 @@ SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique
            "unique_consecutive", "argwhere", "repeat_interleave"}  # fmt: skip
 
 
+def device_read(func, args) -> str | None:
+    """What makes this dispatched operation read the device on the host (None: nothing)."""
+    name = func._schema.name.split("::")[-1]
+    if name in SYNCING:
+        return f"aten::{name} reads the device"
+    if name.startswith("index") and len(args) > 1 and isinstance(args[1], (list, tuple)):
+        if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]):
+            return "boolean-mask indexing reads the device"
+    return None
+
+
 class CaptureError(RuntimeError):
     """What CUDA raises when captured code reads a device value on the host."""
 
@@ -55,14 +66,9 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        name = func._schema.name.split("::")[-1]
-        if name in SYNCING:
-            raise CaptureError(
-                f"operation not permitted when stream is capturing: aten::{name} reads the device"
-            )
-        if name.startswith("index") and len(args) > 1 and isinstance(args[1], (list, tuple)):
-            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]):
-                raise CaptureError("boolean-mask indexing reads the device while capturing")
+        reason = device_read(func, args)
+        if reason is not None:
+            raise CaptureError(f"operation not permitted when stream is capturing: {reason}")
         out = func(*args, **kwargs)
         self.ops.append((func, tree_map(self._hold, args), tree_map(self._hold, kwargs), out))
         for made in tree_flatten(out)[0]:

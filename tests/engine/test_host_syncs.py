@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from graph_emulator import SYNCING, TraceReplay
+from graph_emulator import TraceReplay, device_read
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import vtw_train
@@ -29,11 +29,7 @@ class HostReads(TorchDispatchMode):
         self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._schema.name.split("::")[-1]
-        if name in SYNCING:
-            self.count += 1
-        elif name.startswith("index") and len(args) > 1 and isinstance(args[1], (list, tuple)):
-            self.count += any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
+        self.count += device_read(func, args) is not None
         return func(*args, **(kwargs or {}))
 
 
